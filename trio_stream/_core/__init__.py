@@ -1,0 +1,1 @@
+"""The pure layer: stdlib and attrs only, no clock, no I/O."""
