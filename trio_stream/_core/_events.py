@@ -15,12 +15,18 @@ _FORBIDDEN: Final = re.compile(r"[\r\n\0]")
 _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 
 
-def _no_line_breaks(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+def _no_line_breaks(
+    instance: object, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
     if value is not None and _FORBIDDEN.search(value):
-        raise LocalProtocolError(f"event {attribute.name} must not contain CR, LF or NUL: {value!r}")
+        raise LocalProtocolError(
+            f"event {attribute.name} must not contain CR, LF or NUL: {value!r}"
+        )
 
 
-def _retry_value(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+def _retry_value(
+    instance: object, attribute: attrs.Attribute[int | None], value: int | None
+) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise LocalProtocolError(f"retry must be a non-negative integer of milliseconds: {value!r}")
 
@@ -71,5 +77,7 @@ def encode_comment(text: str = "") -> bytes:
 
 def encode_retry(milliseconds: int) -> bytes:
     """A lone ``retry:`` field, setting the client's reconnection delay."""
+    if milliseconds is None:
+        raise LocalProtocolError("retry must be a non-negative integer of milliseconds: None")
     _retry_value(None, attrs.fields(Event).retry, milliseconds)
     return f"retry: {milliseconds}\n\n".encode()

@@ -1,0 +1,355 @@
+"""One stream: a nursery owning producer -> limiter -> writer, linked by zero-buffer channels.
+
+```
+log --read_after--> producer ==ch0==> limiter ==ch0==> writer --sink--> socket
+                                        ^ client bucket, global bucket, ack credits
+```
+
+Each channel item is a batch: everything ready, up to ``max_batch`` events. A slow
+socket stops the writer, which stops the limiter, which stops the producer: the log is
+the only place events wait, and it is shared by every stream of the topic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import attrs
+import trio
+
+from ._core._limits import CreditWindow
+from ._core._ring import Entry, Gap
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._hub import Hub, _Client, _ClientTopic, _Topic
+    from ._log import MemoryLog
+
+__all__ = ["Connection", "ConnectionStatistics", "Sink"]
+
+_Item = list[Entry] | Gap
+
+
+class Sink(Protocol):
+    """Where a connection's writer puts things: the transport's framing and socket.
+
+    Each method writes one whole unit (never half an event) and returns once written.
+    """
+
+    async def send_events(self, entries: Sequence[Entry]) -> None:
+        """Write *entries* (one or more), in order, in as few writes as possible."""
+        ...
+
+    async def send_heartbeat(self) -> None:
+        """Write a keep-alive that clients ignore."""
+        ...
+
+    async def send_reset(self, gap: Gap) -> None:
+        """Announce that events after ``gap.last_event_id`` were lost."""
+        ...
+
+    async def send_pause(self, after: str | None, retry_after: float) -> None:
+        """Tell the client to poll after *after*, in *retry_after* seconds; the stream ends."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionStatistics:
+    """A snapshot of one stream.
+
+    Attributes:
+        client_id: Its client.
+        topic: Its topic.
+        last_event_id: The id of the last event written (or the id it started after).
+        lag: Events between the last written and the topic's head.
+        sent: Events written.
+        dropped: Events it never got because they expired first.
+        write_stalls: Writes that had to wait for the peer.
+        tokens: Tokens in the client's bucket (``None`` without a rate limit).
+        credits: Events it may still send before an ack (``None`` without acks).
+        state: ``"open"``, or why it ended.
+    """
+
+    client_id: str
+    topic: str
+    last_event_id: str | None
+    lag: int
+    sent: int
+    dropped: int
+    write_stalls: int
+    tokens: int | None
+    credits: int | None
+    state: str
+
+
+def _window(size: int | CreditWindow | None) -> CreditWindow | None:
+    return CreditWindow(size) if isinstance(size, int) else size
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One client's stream of one topic; made by `Hub.connect`, run by `run`.
+
+    Usable as a context manager that releases the stream's place in the hub's limits
+    (`run` releases it too), so a stream that is never run leaks nothing.
+    """
+
+    hub: Hub
+    client: _Client
+    topic: _Topic
+    record: _ClientTopic
+    position: int
+    """The log position of the last event written (or the one the stream started after)."""
+    gap: Gap | None
+    window: CreditWindow | None = attrs.field(converter=_window)
+    state: Literal["new", "open", "paused", "idle", "closed"] = "new"
+    sent: int = 0
+    dropped: int = 0
+    write_stalls: int = 0
+    _acked: trio.Event = attrs.field(factory=trio.Event)
+    _feeders: tuple[trio.CancelScope, trio.CancelScope] = attrs.field(
+        factory=lambda: (trio.CancelScope(), trio.CancelScope())
+    )
+    _idle: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _pausing: bool = False
+    _released: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.window is not None:
+            self.window.sent = self.window.acked = self.position
+        self.record.connections.add(self)
+
+    @property
+    def client_id(self) -> str:
+        """The client's id (assigned by the hub when none was given)."""
+        return self.client.id
+
+    @property
+    def log(self) -> MemoryLog:
+        """The topic's log."""
+        return self.topic.log
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The id of the last event written, or the id the stream started after."""
+        return self.log.id_of(self.position)
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the stream's place in the hub (idempotent); a running `run` ends."""
+        if self.state in ("new", "open"):
+            self.state = "closed"
+        self._stop_feeding()
+        if not self._released:
+            self._released = True
+            self.hub._release(self)
+
+    # -- the chain ---------------------------------------------------------------------
+
+    async def run(self, sink: Sink) -> None:
+        """Stream the topic into *sink* until paused, idle too long, closed or cancelled.
+
+        Ends normally after a pause (the sink got ``send_pause``) or when no progress
+        was made for ``idle_timeout`` seconds: a write that could not complete, or, in
+        ack mode, no ack while events are waiting for one.
+
+        Cancellation: safe; the stream's tasks end and its place in the hub is released.
+        Backpressure: the sink's slowness stops the whole chain; nothing queues here.
+        """
+        cfg = self.hub.config
+        if self.state != "new":
+            raise RuntimeError("a Connection runs once")
+        self.state = "open"
+        log = self.log
+        try:
+            self._idle.deadline = trio.current_time() + cfg.idle_timeout
+            with self._idle:
+                watch = log.watch_lag(self)
+                if self.lag_threshold() <= log.head:
+                    self.on_lag()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        batches_in, batches_out = trio.open_memory_channel[_Item](0)
+                        granted_in, granted_out = trio.open_memory_channel[_Item](0)
+                        nursery.start_soon(self._produce, batches_in)
+                        nursery.start_soon(self._limit, batches_out, granted_in)
+                        # The writer is not in the feeders' scopes: stopping them lets it
+                        # finish the write in progress, then it sees the end of its channel.
+                        await self._write(granted_out, sink)
+                finally:
+                    log.unwatch_lag(watch)
+                if self._pausing:
+                    self.state = "paused"
+                    after = self.last_event_id
+                    self.hub.pause(self, after)
+                    await sink.send_pause(after, cfg.poll_interval)
+            if self._idle.cancelled_caught:
+                self.state = "idle"
+        finally:
+            self.close()
+
+    async def _produce(self, batches: trio.MemorySendChannel[_Item]) -> None:
+        log, limit, cursor = self.log, self.hub.config.max_batch, self.position
+        try:
+            with self._feeders[0]:
+                async with batches:
+                    if self.gap is not None:
+                        self._lost(self.gap)
+                        await batches.send(self.gap)
+                    while True:
+                        got = log.read_after(cursor, limit)
+                        if isinstance(got, Gap):
+                            self._lost(got)
+                            await batches.send(got)
+                            cursor = got.position
+                        elif got:
+                            await batches.send(got)
+                            cursor = got[-1].seq
+                        else:
+                            await log.wait_after(cursor)
+        finally:
+            # The writer may sit in a send the transport shields from cancellation;
+            # an idle timeout still frees the stream's place at once.
+            if self._idle.cancel_called:
+                self.close()
+
+    def _lost(self, gap: Gap) -> None:
+        self.dropped += gap.lost
+        self.hub.dropped += gap.lost
+
+    async def _limit(
+        self, batches: trio.MemoryReceiveChannel[_Item], granted: trio.MemorySendChannel[_Item]
+    ) -> None:
+        window = self.window
+        async with batches, granted:  # closing `granted` ends the writer, after its write
+            with self._feeders[1]:
+                async for item in batches:
+                    if isinstance(item, Gap):
+                        if window is not None:  # a reset starts the window afresh
+                            window.sent = window.acked = item.position
+                        await granted.send(item)
+                        continue
+                    while item:
+                        n = await self._grant(len(item))
+                        part, item = (item, []) if n == len(item) else (item[:n], item[n:])
+                        if window is not None:
+                            window.on_sent(part[-1].seq)
+                        await granted.send(part)
+                        del part  # hold no events while waiting: the log holds them
+
+    async def _grant(self, want: int) -> int:
+        """Wait until at least one event may go; returns how many (at most *want*)."""
+        window = self.window
+        if window is not None:
+            while not window.credits:
+                await self._acked.wait()
+            want = min(want, window.credits)
+        client, hub = self.client, self.hub
+        bucket, overall = client.bucket, hub.global_bucket
+        if bucket is None and overall is None:
+            return want
+        async with client.lock:
+            if bucket is not None:
+                await trio.sleep_until(bucket.ready_at(trio.current_time()))
+                want = min(want, bucket.available(trio.current_time()))
+            if overall is not None:
+                async with hub.global_lock:
+                    await trio.sleep_until(overall.ready_at(trio.current_time()))
+                    now = trio.current_time()
+                    want = min(want, overall.available(now))
+                    overall.consume(now, want)
+            if bucket is not None:
+                bucket.consume(trio.current_time(), want)  # tokens only grew meanwhile
+        return want
+
+    async def _write(self, granted: trio.MemoryReceiveChannel[_Item], sink: Sink) -> None:
+        hub = self.hub
+        heartbeat, stall = hub.config.heartbeat_interval, hub.config.write_stall_threshold
+        latency, lag_histogram = hub.write_latency, hub.client_lag
+        async with granted:
+            while True:
+                item: _Item | None = None
+                with trio.move_on_after(heartbeat):
+                    try:
+                        item = await granted.receive()
+                    except trio.EndOfChannel:
+                        return
+                started = trio.current_time()
+                if item is None:
+                    await sink.send_heartbeat()
+                elif isinstance(item, Gap):
+                    await sink.send_reset(item)
+                    self._advance(item.position)
+                else:
+                    await sink.send_events(item)
+                    self._advance(item[-1].seq)
+                    n = len(item)
+                    self.sent += n
+                    hub.sent += n
+                    lag_histogram.observe(self.log.head - self.position, n)
+                now = trio.current_time()
+                if item and not isinstance(item, Gap):
+                    for entry in item:
+                        latency.observe(now - entry.published_at)
+                if now - started >= stall:
+                    self.write_stalls += 1
+                    hub.note_stall(self, now - started)
+                self._progress(now)
+
+    def _advance(self, position: int) -> None:
+        self.position = position
+        record = self.record
+        if position > record.sent:
+            record.sent = position
+
+    def _progress(self, now: float, *, ack: bool = False) -> None:
+        """Move the idle deadline: on an ack, or a write while no ack is awaited."""
+        window = self.window
+        if ack or window is None or not window.outstanding:
+            self._idle.deadline = now + self.hub.config.idle_timeout
+
+    # -- called by the hub -------------------------------------------------------------
+
+    def on_ack(self, position: int) -> None:
+        """The client acknowledged everything up to *position*."""
+        window = self.window
+        if window is not None:
+            window.on_ack(min(position, window.sent))
+            self._acked.set()
+            self._acked = trio.Event()
+        self._progress(trio.current_time(), ack=True)
+
+    def lag_threshold(self) -> int:
+        """The head position at which this stream is too far behind (`LagWatcher`)."""
+        return self.position + self.hub.config.lag_limit + 1
+
+    def on_lag(self) -> None:
+        """The head passed the lag limit: end the chain and pause the client."""
+        self._pausing = True
+        self._stop_feeding()
+
+    def _stop_feeding(self) -> None:
+        for scope in self._feeders:
+            scope.cancel()
+
+    def statistics(self) -> ConnectionStatistics:
+        """A snapshot of the stream."""
+        bucket, window = self.client.bucket, self.window
+        return ConnectionStatistics(
+            client_id=self.client.id,
+            topic=self.topic.name,
+            last_event_id=self.last_event_id,
+            lag=max(0, self.log.head - self.position),
+            sent=self.sent,
+            dropped=self.dropped,
+            write_stalls=self.write_stalls,
+            tokens=None if bucket is None else bucket.available(trio.current_time()),
+            credits=None if window is None else window.credits,
+            state=self.state,
+        )

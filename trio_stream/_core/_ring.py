@@ -1,0 +1,247 @@
+"""The bookkeeping of a topic's replay log: a bounded ring of encoded entries.
+
+Pure: times are passed in. Positions are contiguous integers (``seq``), 1 for the first
+event a ring accepts; position 0 means "before everything". Ids are ``<epoch>-<seq>``
+with the sequence number as 12 hex digits, so within one epoch they also sort as
+strings.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Final, Literal
+
+import attrs
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._events import Event
+
+__all__ = ["Entry", "Gap", "Resume", "Ring"]
+
+_SEQ_DIGITS: Final = 12
+_COMPACT_AT: Final = 1024
+
+
+@attrs.define(eq=False, slots=True)
+class Entry:
+    """An event in a log, with its wire form made once, at publish time."""
+
+    seq: int
+    id: str
+    event: Event
+    """The event as published (its own ``id`` is ``None``: the entry's ``id`` is the id)."""
+    wire: bytes
+    """The SSE framing, ``id:`` line included: what every stream writes."""
+    published_at: float
+    _json: str | None = None
+
+    @property
+    def json(self) -> str:
+        """The event as the WebSocket transport sends it (made on first use, then kept)."""
+        if self._json is None:
+            self._json = json.dumps(
+                {"id": self.id, "event": self.event.event, "data": self.event.data},
+                ensure_ascii=False,
+            )
+        return self._json
+
+
+@attrs.frozen(kw_only=True)
+class Gap:
+    """A resume point the log could not honour exactly.
+
+    Attributes:
+        reason: ``"expired"`` when the id was issued by this log but is older than what
+            it retains; ``"unknown"`` otherwise (another epoch, never issued, malformed).
+        last_event_id: The id asked for.
+        lost: Events known to be lost (0 when the reason is ``"unknown"``).
+        position: Where reading continues: just before the oldest retained event.
+    """
+
+    reason: Literal["expired", "unknown"]
+    last_event_id: str
+    lost: int
+    position: int
+
+
+@attrs.frozen(kw_only=True)
+class Resume:
+    """Where a reader starts: after *position*, announcing *gap* first if there is one."""
+
+    position: int
+    gap: Gap | None = None
+
+
+@attrs.define(eq=False)
+class Ring:
+    """Entries of one topic, bounded by count, bytes and age; fail closed when full.
+
+    Args:
+        epoch: A string unique to this ring's lifetime, the prefix of every id.
+        capacity: Events retained at most.
+        max_bytes: Bytes of encoded events retained at most.
+        ttl: Seconds an event is retained.
+    """
+
+    epoch: str
+    capacity: int
+    max_bytes: int
+    ttl: float
+    _entries: list[Entry] = attrs.field(factory=list, init=False)
+    _start: int = attrs.field(default=0, init=False)  # index of the oldest live entry
+    _head: int = attrs.field(default=0, init=False)  # seq of the newest event
+    _bytes: int = attrs.field(default=0, init=False)
+    expired: int = attrs.field(default=0, init=False)
+    """Events removed because their time was up."""
+
+    def __len__(self) -> int:
+        return len(self._entries) - self._start
+
+    @property
+    def head(self) -> int:
+        """The position of the newest event ever appended (0 when none)."""
+        return self._head
+
+    @property
+    def first(self) -> int:
+        """The position of the oldest retained event (``head + 1`` when empty)."""
+        return self._head - len(self) + 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of encoded events retained."""
+        return self._bytes
+
+    @property
+    def oldest(self) -> Entry | None:
+        """The oldest retained entry."""
+        return self._entries[self._start] if len(self) else None
+
+    def id_of(self, position: int) -> str | None:
+        """The id of the event at *position* (``None`` for 0): retained or not."""
+        return f"{self.epoch}-{position:0{_SEQ_DIGITS}x}" if position > 0 else None
+
+    def entry(self, position: int) -> Entry | None:
+        """The retained entry at *position*, if any."""
+        index = position - self.first
+        if 0 <= index < len(self):
+            return self._entries[self._start + index]
+        return None
+
+    def parse(self, event_id: str) -> int | None:
+        """The position an id of this ring names, or ``None`` for another epoch.
+
+        Raises:
+            ValueError: *event_id* does not have the shape of an id.
+        """
+        epoch, sep, seq = event_id.rpartition("-")
+        if not sep or len(seq) != _SEQ_DIGITS or not epoch:
+            raise ValueError(f"malformed event id {event_id[:64]!r}")
+        try:
+            position = int(seq, 16)
+        except ValueError:
+            raise ValueError(f"malformed event id {event_id[:64]!r}") from None
+        if seq != f"{position:0{_SEQ_DIGITS}x}":
+            raise ValueError(f"malformed event id {event_id[:64]!r}")
+        return position if epoch == self.epoch else None
+
+    def resolve(self, last_event_id: str | None) -> Resume:
+        """Where a reader resuming after *last_event_id* starts; never raises.
+
+        ``None`` means "from now on": after the head.
+        """
+        if last_event_id is None:
+            return Resume(position=self._head)
+        try:
+            position = self.parse(last_event_id)
+        except ValueError:
+            position = None
+        if position is None or position > self._head:
+            return Resume(
+                position=self.first - 1,
+                gap=Gap(
+                    reason="unknown", last_event_id=last_event_id, lost=0, position=self.first - 1
+                ),
+            )
+        if position < self.first - 1:
+            return Resume(position=self.first - 1, gap=self.gap_after(position, last_event_id))
+        return Resume(position=position)
+
+    def gap_after(self, position: int, last_event_id: str | None = None) -> Gap:
+        """The gap a reader at *position* (older than the oldest retained) faces."""
+        return Gap(
+            reason="expired",
+            last_event_id=last_event_id
+            if last_event_id is not None
+            else self.id_of(position) or "",
+            lost=self.first - 1 - position,
+            position=self.first - 1,
+        )
+
+    def read_after(self, position: int, limit: int) -> list[Entry] | Gap:
+        """Up to *limit* retained entries after *position*, oldest first.
+
+        Returns a `Gap` instead when events after *position* are no longer retained.
+        """
+        first = self.first
+        if position < first - 1:
+            return self.gap_after(position)
+        index = self._start + position - first + 1
+        return self._entries[index : index + limit]
+
+    def expire(self, now: float) -> int:
+        """Drop the entries older than the TTL; returns how many went."""
+        entries, start, cutoff = self._entries, self._start, now - self.ttl
+        end = start
+        while end < len(entries) and entries[end].published_at <= cutoff:
+            self._bytes -= len(entries[end].wire)
+            end += 1
+        gone = end - start
+        if gone:
+            self._start = end
+            self.expired += gone
+            if end >= _COMPACT_AT and end * 2 >= len(entries):
+                del entries[:end]
+                self._start = 0
+        return gone
+
+    def room_for(self, count: int, nbytes: int) -> bool:
+        """Whether *count* more events of *nbytes* in all fit now."""
+        return len(self) + count <= self.capacity and self._bytes + nbytes <= self.max_bytes
+
+    def fits_ever(self, count: int, nbytes: int) -> bool:
+        """Whether *count* events of *nbytes* would fit in an empty ring."""
+        return count <= self.capacity and nbytes <= self.max_bytes
+
+    def free_at(self) -> float | None:
+        """When the oldest entry expires, freeing room (``None`` when empty)."""
+        oldest = self.oldest
+        return None if oldest is None else oldest.published_at + self.ttl
+
+    def wire_size(self, body: bytes) -> int:
+        """Bytes an event whose body (fields but ``id:``) is *body* takes in the ring."""
+        return len(body) + self._id_line_size
+
+    @property
+    def _id_line_size(self) -> int:
+        return len(self.epoch) + _SEQ_DIGITS + 6  # "id: " + epoch + "-" + seq + "\n"
+
+    def append(self, bodies: Sequence[tuple[Event, bytes]], now: float) -> list[Entry]:
+        """Append events with their encoded bodies; returns their entries.
+
+        The caller has checked `room_for`. Each body is ``encode(event)`` of an event
+        without an id: the ``id:`` line is put in front of it here.
+        """
+        seq, epoch = self._head, self.epoch
+        added = []
+        for event, body in bodies:
+            seq += 1
+            event_id = f"{epoch}-{seq:0{_SEQ_DIGITS}x}"
+            wire = b"id: " + event_id.encode() + b"\n" + body
+            self._bytes += len(wire)
+            added.append(Entry(seq=seq, id=event_id, event=event, wire=wire, published_at=now))
+        self._entries.extend(added)
+        self._head = seq
+        return added

@@ -1,0 +1,633 @@
+"""The hub: topics and their logs, publishing, the client registry, the global bucket."""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from ._core._errors import (
+    ClientPausedError,
+    LimitExceededError,
+    NotSentError,
+    RateLimitedError,
+    TopicLimitError,
+    UnknownClientError,
+)
+from ._core._limits import TokenBucket
+from ._core._names import check_client_id, check_event_name, check_topic
+from ._core._ring import Entry, Gap
+from ._core._stats import LAG_BUCKETS, LATENCY_BUCKETS, RATIO_BUCKETS, Histogram
+from ._log import LogStatistics, MemoryLog
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterable
+
+    from ._connection import Connection
+    from ._core._events import Event
+
+__all__ = ["ClientStatistics", "Hub", "HubConfig", "HubStatistics", "PollResult", "open_hub"]
+
+logger: Final = logging.getLogger("trio_stream")
+
+SATURATION_WARNING: Final = 0.8
+HOUSEKEEPING_INTERVAL: Final = 1.0
+MAX_TOPICS_PER_CLIENT: Final = 64
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be zero or positive, got {value!r}")
+
+
+def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an integer of at least 1, got {value!r}")
+
+
+def _ack_window(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or not 1 <= value <= 10_000:
+        raise ValueError(f"{attribute.name} must be an integer from 1 to 10000, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class HubConfig:
+    """Every limit of a hub; the defaults are those of ``trio-stream serve``.
+
+    Attributes:
+        rate: Events per second delivered to one client (0: no limit).
+        burst: Size of each client's bucket.
+        global_rate: Events per second delivered by the whole hub (0: no limit).
+        global_burst: Size of the global bucket (``None``: same as *burst*).
+        window: Ack window for clients that ask for acks without a size.
+        log_capacity: Events a topic's log retains.
+        log_ttl: Seconds an event stays in a topic's log.
+        log_max_bytes: Bytes of encoded events a topic's log retains.
+        max_topics: Topics held at once.
+        lag_limit: Events a client may fall behind its topic's head before it is paused.
+        heartbeat_interval: Seconds of idleness after which a stream gets a heartbeat.
+        retry_ms: The ``retry:`` value sent at the start of each stream.
+        idle_timeout: Seconds a stream may go without progress before it is closed.
+        max_streams_per_client: Concurrent streams one client id may hold.
+        max_connections: Concurrent streams the hub accepts in all.
+        max_clients: Client entries kept; idle ones are evicted first.
+        client_ttl: Seconds an idle client's entry (bucket, acks, pause) is kept.
+        max_batch: Events one write carries at most.
+        poll_interval: Seconds a paused client is told to wait before polling.
+        write_stall_threshold: A write that takes longer than this waited for the peer.
+        on_saturation: Called with ``(topic, saturation)`` when a log passes 80 %.
+    """
+
+    rate: float = attrs.field(default=100.0, validator=_non_negative)
+    burst: int = attrs.field(default=20, validator=_at_least_one)
+    global_rate: float = attrs.field(default=0.0, validator=_non_negative)
+    global_burst: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_at_least_one)
+    )
+    window: int = attrs.field(default=64, validator=_ack_window)
+    log_capacity: int = attrs.field(default=10_000, validator=_at_least_one)
+    log_ttl: float = attrs.field(default=30.0, validator=_positive)
+    log_max_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_at_least_one)
+    max_topics: int = attrs.field(default=10_000, validator=_at_least_one)
+    lag_limit: int = attrs.field(default=1000, validator=_at_least_one)
+    heartbeat_interval: float = attrs.field(default=15.0, validator=_positive)
+    retry_ms: int = attrs.field(default=3000, validator=attrs.validators.ge(0))
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    max_streams_per_client: int = attrs.field(default=4, validator=_at_least_one)
+    max_connections: int = attrs.field(default=10_000, validator=_at_least_one)
+    max_clients: int = attrs.field(default=100_000, validator=_at_least_one)
+    client_ttl: float = attrs.field(default=300.0, validator=_positive)
+    max_batch: int = attrs.field(default=256, validator=_at_least_one)
+    poll_interval: float = attrs.field(default=1.0, validator=_non_negative)
+    write_stall_threshold: float = attrs.field(default=0.1, validator=_positive)
+    on_saturation: Callable[[str, float], object] | None = None
+
+
+@attrs.define(eq=False)
+class _Topic:
+    name: str
+    log: MemoryLog
+    streams: int = 0
+    saturated: bool = False
+
+
+@attrs.define(eq=False)
+class _ClientTopic:
+    """What one client was sent and acknowledged on one topic's log."""
+
+    log: MemoryLog
+    sent: int
+    acked: int
+    connections: set[Connection] = attrs.field(factory=set)
+
+
+@attrs.define(eq=False)
+class _Client:
+    id: str
+    bucket: TokenBucket | None
+    lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
+    streams: int = 0
+    paused: dict[str, str | None] = attrs.field(factory=dict)
+    topics: dict[str, _ClientTopic] = attrs.field(factory=dict)
+    last_seen: float = 0.0
+
+    def record(self, topic: str, log: MemoryLog, position: int) -> _ClientTopic:
+        record = self.topics.get(topic)
+        if record is None or record.log is not log:
+            if len(self.topics) >= MAX_TOPICS_PER_CLIENT:
+                for name, old in list(self.topics.items()):
+                    if not old.connections:
+                        del self.topics[name]
+                        break
+            record = self.topics[topic] = _ClientTopic(log=log, sent=position, acked=position)
+        return record
+
+
+@attrs.frozen(kw_only=True)
+class ClientStatistics:
+    """A snapshot of one client's entry: ``tokens`` is ``None`` without a rate limit."""
+
+    client_id: str
+    streams: int
+    tokens: int | None
+    paused_topics: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class HubStatistics:
+    """Counters of a hub since it was made, and what it holds now."""
+
+    topics: int
+    clients: int
+    connections: int
+    published: int
+    sent: int
+    dropped: int
+    write_stalls: int
+    publish_rejected: int
+    retry_signals: dict[str, int]
+    global_tokens: int | None
+
+
+@attrs.frozen(kw_only=True)
+class PollResult:
+    """What a poll returns (see the contract's ``/poll`` endpoint)."""
+
+    events: list[Entry]
+    last_event_id: str | None
+    reset: bool
+    resume_stream: bool
+
+
+@attrs.define(eq=False)
+class Hub:
+    """Topics, publishing, clients and limits: the engine behind every transport.
+
+    A hub is used from one Trio run. `open_hub` runs its housekeeping (expiry of idle
+    topics and clients, saturation checks); a bare ``Hub`` works without it, minus those.
+    """
+
+    config: HubConfig = attrs.field(factory=HubConfig)
+    _topics: dict[str, _Topic] = attrs.field(factory=dict, init=False)
+    _clients: dict[str, _Client] = attrs.field(factory=dict, init=False)
+    global_bucket: TokenBucket | None = attrs.field(init=False)
+    global_lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock, init=False)
+    connections: int = attrs.field(default=0, init=False)
+    published: int = attrs.field(default=0, init=False)
+    sent: int = attrs.field(default=0, init=False)
+    dropped: int = attrs.field(default=0, init=False)
+    write_stalls: int = attrs.field(default=0, init=False)
+    publish_rejected: int = attrs.field(default=0, init=False)
+    retry_signals: dict[str, int] = attrs.field(
+        factory=lambda: {"retry_field": 0, "retry_after": 0, "pause": 0}, init=False
+    )
+    client_lag: Histogram = attrs.field(factory=lambda: Histogram(LAG_BUCKETS), init=False)
+    write_latency: Histogram = attrs.field(factory=lambda: Histogram(LATENCY_BUCKETS), init=False)
+    ack_latency: Histogram = attrs.field(factory=lambda: Histogram(LATENCY_BUCKETS), init=False)
+    buffer_utilization: Histogram = attrs.field(
+        factory=lambda: Histogram(RATIO_BUCKETS), init=False
+    )
+    _stall_log_at: float = attrs.field(default=-math.inf, init=False)
+    _stalls_logged: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        cfg = self.config
+        self.global_bucket = (
+            TokenBucket(cfg.global_rate, cfg.global_burst or cfg.burst) if cfg.global_rate else None
+        )
+
+    # -- topics and publishing ----------------------------------------------------------
+
+    def log(self, topic: str) -> MemoryLog:
+        """The log of *topic*, created if needed.
+
+        Raises:
+            LocalProtocolError: *topic* is not a valid topic name.
+            TopicLimitError: Creating it would exceed ``max_topics``.
+        """
+        return self._topic(topic).log
+
+    def _topic(self, name: str) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None:
+            check_topic(name)
+            if len(self._topics) >= self.config.max_topics:
+                self._forget_idle_topics()
+                if len(self._topics) >= self.config.max_topics:
+                    raise TopicLimitError("too many topics")
+            cfg = self.config
+            log = MemoryLog(
+                name, capacity=cfg.log_capacity, max_bytes=cfg.log_max_bytes, ttl=cfg.log_ttl
+            )
+            topic = self._topics[name] = _Topic(name, log)
+        return topic
+
+    def topics(self) -> list[str]:
+        """The names of the topics held now."""
+        return list(self._topics)
+
+    def _forget_idle_topics(self) -> None:
+        for name, topic in list(self._topics.items()):
+            if not topic.streams:
+                topic.log.expire()
+                if not len(topic.log):
+                    del self._topics[name]
+
+    def _accepted(self, topic: _Topic, entries: list[Entry]) -> list[str]:
+        self.published += len(entries)
+        self._check_saturation(topic)
+        return [entry.id for entry in entries]
+
+    def publish_nowait(self, topic: str, events: Iterable[Event]) -> list[str]:
+        """Publish *events* to *topic* at once, all or none; returns their ids.
+
+        Raises:
+            trio.WouldBlock: The topic's log is full of unexpired events (fail closed).
+            LocalProtocolError: A bad topic or event name, or a batch too big to fit.
+            TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
+        """
+        events = _checked(events)
+        t = self._topic(topic)
+        try:
+            entries = t.log.append_nowait(events)
+        except trio.WouldBlock:
+            self.publish_rejected += len(events)
+            raise
+        return self._accepted(t, entries)
+
+    async def publish(self, topic: str, events: Iterable[Event]) -> list[str]:
+        """Publish *events* to *topic*, waiting while its log is full; returns their ids.
+
+        Raises:
+            LocalProtocolError: A bad topic or event name, or a batch too big to fit.
+            TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
+
+        Cancellation: safe; if cancelled, nothing was published.
+        Backpressure: waits until the oldest events expire when the log is full.
+        """
+        events = _checked(events)
+        t = self._topic(topic)
+        t.streams += 1  # keep the topic while we wait
+        try:
+            entries = await t.log.append(events)
+        finally:
+            t.streams -= 1
+        return self._accepted(t, entries)
+
+    def publish_retry_after(self, topic: str) -> float:
+        """Seconds until *topic*'s log frees room."""
+        t = self._topics.get(topic)
+        return 0.0 if t is None else t.log.retry_after()
+
+    def _check_saturation(self, topic: _Topic) -> None:
+        log = topic.log
+        saturation = log.saturation
+        if saturation > SATURATION_WARNING and not topic.saturated:
+            topic.saturated = True
+            logger.warning("topic %r log is %.0f%% full", topic.name, saturation * 100)
+            if self.config.on_saturation is not None:
+                try:
+                    self.config.on_saturation(topic.name, saturation)
+                except Exception:
+                    logger.exception("on_saturation callback failed")
+        elif saturation <= SATURATION_WARNING:
+            topic.saturated = False
+
+    # -- clients ----------------------------------------------------------------------
+
+    def _client(self, client_id: str | None) -> _Client:
+        """The entry of *client_id* (made if new; a random id when ``None``)."""
+        now = trio.current_time()
+        if client_id is None:
+            client_id = secrets.token_urlsafe(12)
+        client = self._clients.pop(client_id, None)  # re-inserted last: LRU order
+        if client is None:
+            check_client_id(client_id)
+            if len(self._clients) >= self.config.max_clients:
+                self._evict_clients(lambda c: True)
+                if len(self._clients) >= self.config.max_clients:
+                    raise LimitExceededError("too many clients", retry_after=self._retry_after())
+            cfg = self.config
+            client = _Client(client_id, TokenBucket(cfg.rate, cfg.burst) if cfg.rate else None)
+        client.last_seen = now
+        self._clients[client_id] = client
+        return client
+
+    def _evict_clients(self, idle: Callable[[_Client], bool], *, all_of_them: bool = False) -> None:
+        for client_id, client in list(self._clients.items()):
+            if not client.streams and idle(client):
+                del self._clients[client_id]
+                if not all_of_them and len(self._clients) < self.config.max_clients:
+                    return
+
+    def client_statistics(self, client_id: str) -> ClientStatistics:
+        """A snapshot of a client's entry.
+
+        Raises:
+            UnknownClientError: No such client is known.
+        """
+        client = self._clients.get(client_id)
+        if client is None:
+            raise UnknownClientError(f"unknown client {client_id!r}")
+        bucket = client.bucket
+        return ClientStatistics(
+            client_id=client.id,
+            streams=client.streams,
+            tokens=None if bucket is None else bucket.available(trio.current_time()),
+            paused_topics=tuple(client.paused),
+        )
+
+    def _retry_after(self) -> float:
+        return self.config.retry_ms / 1000
+
+    def signal(self, kind: str) -> None:
+        """Count a retry signal sent to a client (``retry_field``, ``retry_after``, ``pause``)."""
+        self.retry_signals[kind] = self.retry_signals.get(kind, 0) + 1
+
+    # -- streams ----------------------------------------------------------------------
+
+    def connect(
+        self,
+        topic: str,
+        *,
+        client_id: str | None = None,
+        last_event_id: str | None = None,
+        ack: int | None = None,
+    ) -> Connection:
+        """Admit a stream of *topic* for a client; run it with `Connection.run`.
+
+        Args:
+            topic: The topic to stream.
+            client_id: Who asks; ``None`` gives a random id (see ``Connection.client_id``).
+            last_event_id: Resume after this id; ``None`` streams from now on.
+            ack: The ack window (events sent beyond the last acknowledged one), or
+                ``None`` for no acks.
+
+        Raises:
+            LocalProtocolError: A bad topic or client id.
+            LimitExceededError: ``max_connections`` or ``max_streams_per_client`` reached.
+            ClientPausedError: The client is paused on *topic* and must poll first.
+            TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
+        """
+        from ._connection import Connection
+
+        cfg = self.config
+        check_topic(topic)
+        if ack is not None:
+            _ack_window(None, attrs.fields(HubConfig).window, ack)
+        if self.connections >= cfg.max_connections:
+            raise LimitExceededError("too many connections", retry_after=self._retry_after())
+        client = self._client(client_id)
+        if topic in client.paused:
+            raise ClientPausedError(
+                topic=topic,
+                client_id=client.id,
+                after=client.paused[topic],
+                retry_after=cfg.poll_interval,
+            )
+        if client.streams >= cfg.max_streams_per_client:
+            raise LimitExceededError(
+                f"client {client.id!r} holds {client.streams} streams already",
+                retry_after=self._retry_after(),
+            )
+        t = self._topic(topic)
+        resume = t.log.resolve(last_event_id)
+        record = client.record(topic, t.log, resume.position)
+        connection = Connection(
+            hub=self,
+            client=client,
+            topic=t,
+            record=record,
+            position=resume.position,
+            gap=resume.gap,
+            window=ack,
+        )
+        client.streams += 1
+        t.streams += 1
+        self.connections += 1
+        return connection
+
+    def _release(self, connection: Connection) -> None:
+        connection.record.connections.discard(connection)
+        connection.client.streams -= 1
+        connection.client.last_seen = trio.current_time()
+        connection.topic.streams -= 1
+        self.connections -= 1
+
+    def pause(self, connection: Connection, after: str | None) -> None:
+        """Mark *connection*'s client paused on its topic until it catches up by polling."""
+        connection.client.paused[connection.topic.name] = after
+        self.signal("pause")
+
+    def note_stall(self, connection: Connection, seconds: float) -> None:
+        """Count a write that waited for the peer; log now and then, not every time."""
+        self.write_stalls += 1
+        now = trio.current_time()
+        if now - self._stall_log_at >= 10.0:
+            logger.warning(
+                "write stall: client %r on topic %r waited %.3f s (%d stalls since last report)",
+                connection.client.id,
+                connection.topic.name,
+                seconds,
+                self.write_stalls - self._stalls_logged,
+            )
+            self._stall_log_at, self._stalls_logged = now, self.write_stalls
+
+    # -- acks and polls ---------------------------------------------------------------
+
+    def ack(
+        self,
+        topic: str,
+        *,
+        client_id: str,
+        last_event_id: str,
+        buffer_utilization: float | None = None,
+    ) -> None:
+        """Acknowledge every event up to *last_event_id* for a client (cumulative).
+
+        An id at or before the last acknowledged one changes nothing.
+
+        Raises:
+            LocalProtocolError: A bad topic or client id.
+            ValueError: A malformed id, or *buffer_utilization* outside 0.0-1.0.
+            UnknownClientError: No such client is known.
+            NotSentError: The id was never sent to this client.
+        """
+        check_topic(topic)
+        check_client_id(client_id)
+        if buffer_utilization is not None and not 0.0 <= buffer_utilization <= 1.0:
+            raise ValueError(f"buffer_utilization must be within 0.0-1.0: {buffer_utilization!r}")
+        client = self._clients.get(client_id)
+        t = self._topics.get(topic)
+        record = client.topics.get(topic) if client is not None else None
+        if t is not None:
+            position = t.log.parse(last_event_id)
+        else:
+            MemoryLog(topic).parse(last_event_id)  # malformed ids are a ValueError first
+            position = None
+        if client is None:
+            raise UnknownClientError(f"unknown client {client_id!r}")
+        client.last_seen = trio.current_time()
+        if buffer_utilization is not None:
+            self.buffer_utilization.observe(buffer_utilization)
+        if t is None or record is None or record.log is not t.log or position is None:
+            raise NotSentError(f"{last_event_id!r} was not sent to client {client_id!r}")
+        if position > record.sent:
+            raise NotSentError(f"{last_event_id!r} was not sent to client {client_id!r}")
+        if position <= record.acked:
+            return
+        record.acked = position
+        entry = t.log.entry(position)
+        if entry is not None:
+            self.ack_latency.observe(trio.current_time() - entry.published_at)
+        for connection in record.connections:
+            connection.on_ack(position)
+
+    def poll(
+        self, topic: str, *, client_id: str | None, after: str | None, limit: int = 100
+    ) -> PollResult:
+        """Events after *after* for a client that polls, within its rate limit.
+
+        Without *after*, polling starts at the oldest retained event. A client paused on
+        *topic* is unpaused once the answer has ``resume_stream`` set: it is then at most
+        half the lag limit behind.
+
+        Raises:
+            LocalProtocolError: A bad topic or client id.
+            ValueError: *limit* is not positive.
+            RateLimitedError: The client's (or the hub's) bucket is empty.
+            TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit!r}")
+        check_topic(topic)
+        client = self._client(client_id)
+        t = self._topic(topic)
+        now = trio.current_time()
+        allowed = limit
+        for bucket in (client.bucket, self.global_bucket):
+            if bucket is not None:
+                allowed = min(allowed, bucket.available(now))
+                if not allowed:
+                    self.signal("retry_after")
+                    raise RateLimitedError(
+                        "rate limit: poll later", retry_after=bucket.ready_at(now) - now
+                    )
+        log = t.log
+        if after is None:
+            log.expire()
+            position, gap = log.first - 1, None
+        else:
+            resume = log.resolve(after)
+            position, gap = resume.position, resume.gap
+        if gap is not None:
+            self.dropped += gap.lost
+        events = log.read_after(position, allowed)
+        assert not isinstance(events, Gap)  # resolve() just placed us within the log
+        for bucket in (client.bucket, self.global_bucket):
+            if bucket is not None and events:
+                bucket.consume(now, len(events))
+        if events:
+            position = events[-1].seq
+            self.sent += len(events)
+            for entry in events:
+                self.write_latency.observe(now - entry.published_at)
+        record = client.record(topic, log, position)
+        record.sent = record.acked = max(record.sent, position)
+        resume_stream = log.head - position <= self.config.lag_limit // 2
+        if resume_stream:
+            client.paused.pop(topic, None)
+        return PollResult(
+            events=events,
+            last_event_id=events[-1].id if events else after,
+            reset=gap is not None,
+            resume_stream=resume_stream,
+        )
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    def housekeep(self) -> None:
+        """Expire logs, re-check saturation, forget idle topics and idle clients."""
+        for topic in self._topics.values():
+            topic.log.expire()
+            self._check_saturation(topic)
+        self._forget_idle_topics()
+        cutoff = trio.current_time() - self.config.client_ttl
+        self._evict_clients(lambda c: c.last_seen <= cutoff, all_of_them=True)
+
+    def statistics(self) -> HubStatistics:
+        """A snapshot of the hub's counters."""
+        bucket = self.global_bucket
+        return HubStatistics(
+            topics=len(self._topics),
+            clients=len(self._clients),
+            connections=self.connections,
+            published=self.published,
+            sent=self.sent,
+            dropped=self.dropped,
+            write_stalls=self.write_stalls,
+            publish_rejected=self.publish_rejected,
+            retry_signals=dict(self.retry_signals),
+            global_tokens=None if bucket is None else bucket.available(trio.current_time()),
+        )
+
+    def log_statistics(self) -> dict[str, LogStatistics]:
+        """Each topic's `LogStatistics`, by topic name."""
+        return {name: topic.log.statistics() for name, topic in self._topics.items()}
+
+
+def _checked(events: Iterable[Event]) -> list[Event]:
+    events = list(events)
+    for event in events:
+        if event.event is not None:
+            check_event_name(event.event)
+    return events
+
+
+@asynccontextmanager
+async def open_hub(config: HubConfig | None = None) -> AsyncIterator[Hub]:
+    """A `Hub` whose housekeeping runs (once a second) while the block runs.
+
+    Cancellation: leaving the block stops the housekeeping task.
+    """
+    hub = Hub(config or HubConfig())
+    async with trio.open_nursery() as nursery:
+
+        async def housekeeping() -> None:
+            while True:
+                await trio.sleep(HOUSEKEEPING_INTERVAL)
+                hub.housekeep()
+
+        nursery.start_soon(housekeeping)
+        yield hub
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,298 @@
+"""Replay logs: where events wait, bounded by count, bytes and age."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import secrets
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import attrs
+import trio
+
+from ._core._errors import LocalProtocolError
+from ._core._events import Event, encode
+from ._core._ring import Entry, Gap, Resume, Ring
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+__all__ = ["LagWatcher", "LogStatistics", "MemoryLog"]
+
+DEFAULT_CAPACITY: Final = 10_000
+DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_TTL: Final = 30.0
+
+
+class LagWatcher(Protocol):
+    """A reader that wants to hear when the log's head passes its lag threshold."""
+
+    def lag_threshold(self) -> int:
+        """The head position at which this reader is too far behind."""
+        ...
+
+    def on_lag(self) -> None:
+        """Called once when the head reaches `lag_threshold` (then the watch ends)."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class LogStatistics:
+    """A snapshot of a log.
+
+    Attributes:
+        depth: Events retained.
+        nbytes: Bytes of encoded events retained.
+        capacity: Events the log may retain.
+        max_bytes: Bytes the log may retain.
+        saturation: The larger of ``depth / capacity`` and ``nbytes / max_bytes``.
+        oldest_id: Id of the oldest retained event.
+        head_id: Id of the newest event.
+        published: Events accepted since the log was made.
+        expired: Events dropped because their time was up.
+        rejected: Events refused because the log was full.
+        waiters: Tasks waiting for new events.
+    """
+
+    depth: int
+    nbytes: int
+    capacity: int
+    max_bytes: int
+    saturation: float
+    oldest_id: str | None
+    head_id: str | None
+    published: int
+    expired: int
+    rejected: int
+    waiters: int
+
+
+_Watch = list[Any]  # [threshold, order, watcher, alive]: a heap item, mutable in place
+
+
+def _clean(event: Event) -> Event:
+    return event if event.id is None else attrs.evolve(event, id=None)
+
+
+@attrs.define(eq=False)
+class MemoryLog:
+    """A topic's replay log in this process's memory (the default backend).
+
+    Events are encoded once, when they are appended; every reader shares the bytes.
+    Appending wakes all waiting readers at once, whatever their number.
+
+    Args:
+        topic: The topic's name.
+        capacity: Events retained at most.
+        max_bytes: Bytes of encoded events retained at most.
+        ttl: Seconds an event is retained.
+        epoch: The id prefix unique to this log's lifetime (random by default), so an
+            id from before a restart is recognised as unknown.
+    """
+
+    topic: str
+    capacity: int = DEFAULT_CAPACITY
+    max_bytes: int = DEFAULT_MAX_BYTES
+    ttl: float = DEFAULT_TTL
+    epoch: str = attrs.field(factory=lambda: secrets.token_hex(4))
+    _ring: Ring = attrs.field(init=False)
+    _grown: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _waiters: int = attrs.field(default=0, init=False)
+    _watch: list[_Watch] = attrs.field(factory=list, init=False)
+    _watch_order: Iterator[int] = attrs.field(factory=itertools.count, init=False)
+    _dead: int = attrs.field(default=0, init=False)
+    published: int = attrs.field(default=0, init=False)
+    rejected: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.capacity < 1 or self.max_bytes < 1 or not self.ttl > 0:
+            raise ValueError("capacity, max_bytes and ttl must be positive")
+        self._ring = Ring(
+            epoch=self.epoch, capacity=self.capacity, max_bytes=self.max_bytes, ttl=self.ttl
+        )
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The position of the newest event (0 when none was ever appended)."""
+        return self._ring.head
+
+    @property
+    def first(self) -> int:
+        """The position of the oldest retained event (``head + 1`` when empty)."""
+        return self._ring.first
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    @property
+    def saturation(self) -> float:
+        """How full the log is: the larger of its count and byte ratios, 0 to 1."""
+        ring = self._ring
+        return max(len(ring) / self.capacity, ring.nbytes / self.max_bytes)
+
+    def id_of(self, position: int) -> str | None:
+        """The id of the event at *position*, retained or not (``None`` for 0)."""
+        return self._ring.id_of(position)
+
+    def parse(self, event_id: str) -> int | None:
+        """The position *event_id* names, or ``None`` when another log issued it.
+
+        Raises:
+            ValueError: *event_id* is malformed.
+        """
+        return self._ring.parse(event_id)
+
+    def entry(self, position: int) -> Entry | None:
+        """The retained entry at *position*, if any."""
+        return self._ring.entry(position)
+
+    def resolve(self, last_event_id: str | None) -> Resume:
+        """Where a reader resuming after *last_event_id* starts; never raises."""
+        self.expire()
+        return self._ring.resolve(last_event_id)
+
+    def read_after(self, position: int, limit: int) -> list[Entry] | Gap:
+        """Up to *limit* entries after *position*; a `Gap` if some expired meanwhile."""
+        return self._ring.read_after(position, limit)
+
+    async def wait_after(self, position: int) -> None:
+        """Wait until an event after *position* exists.
+
+        Cancellation: safe; nothing changes.
+        """
+        while self._ring.head <= position:
+            self._waiters += 1
+            try:
+                await self._grown.wait()
+            finally:
+                self._waiters -= 1
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _prepare(self, events: Iterable[Event]) -> tuple[list[tuple[Event, bytes]], int]:
+        bodies = [(e, encode(e)) for e in map(_clean, events)]
+        nbytes = sum(self._ring.wire_size(body) for _, body in bodies)
+        if not self._ring.fits_ever(len(bodies), nbytes):
+            raise LocalProtocolError(
+                f"{len(bodies)} events of {nbytes} bytes can never fit in the log of "
+                f"topic {self.topic!r} ({self.capacity} events, {self.max_bytes} bytes)"
+            )
+        return bodies, nbytes
+
+    def _commit(self, bodies: list[tuple[Event, bytes]], nbytes: int) -> list[Entry] | None:
+        ring = self._ring
+        now = trio.current_time()
+        ring.expire(now)
+        if not ring.room_for(len(bodies), nbytes):
+            return None
+        entries = ring.append(bodies, now)
+        self.published += len(entries)
+        if entries:
+            self._grown.set()
+            self._grown = trio.Event()
+            self._check_watchers()
+        return entries
+
+    def append_nowait(self, events: Iterable[Event]) -> list[Entry]:
+        """Append *events* at once, all or none; returns their entries (with ids).
+
+        Raises:
+            trio.WouldBlock: The log is full of events that have not expired yet
+                (fail closed: nothing already accepted is dropped to make room).
+            LocalProtocolError: The events could never fit, even in an empty log.
+        """
+        bodies, nbytes = self._prepare(events)
+        entries = self._commit(bodies, nbytes)
+        if entries is None:
+            self.rejected += len(bodies)
+            raise trio.WouldBlock
+        return entries
+
+    async def append(self, events: Iterable[Event]) -> list[Entry]:
+        """Append *events*, waiting while the log is full; returns their entries.
+
+        Raises:
+            LocalProtocolError: The events could never fit, even in an empty log.
+
+        Cancellation: safe; if cancelled, nothing was appended.
+        Backpressure: waits until enough of the oldest events expire.
+        """
+        bodies, nbytes = self._prepare(events)
+        while (entries := self._commit(bodies, nbytes)) is None:
+            free_at = self._ring.free_at()
+            assert free_at is not None  # a full log holds something
+            await trio.sleep_until(free_at)
+        await trio.lowlevel.checkpoint()
+        return entries
+
+    def retry_after(self) -> float:
+        """Seconds until a full log frees room (0 when it has room)."""
+        free_at = self._ring.free_at()
+        return 0.0 if free_at is None else max(0.0, free_at - trio.current_time())
+
+    def expire(self) -> int:
+        """Drop the events whose time is up; returns how many went."""
+        return self._ring.expire(trio.current_time())
+
+    # -- lag watching ----------------------------------------------------------------
+
+    def watch_lag(self, watcher: LagWatcher) -> object:
+        """Call ``watcher.on_lag()`` once the head reaches ``watcher.lag_threshold()``.
+
+        The threshold is read again when it is reached, so a reader that kept up only
+        moves its watch forward: the cost is per reader that falls behind, not per event.
+
+        Returns:
+            A handle for `unwatch_lag`.
+        """
+        item: _Watch = [watcher.lag_threshold(), next(self._watch_order), watcher, True]
+        heapq.heappush(self._watch, item)
+        return item
+
+    def unwatch_lag(self, handle: object) -> None:
+        """End the watch *handle* (from `watch_lag`), if it is still on."""
+        assert isinstance(handle, list)
+        if handle[3]:
+            handle[3] = False
+            self._dead += 1
+            if self._dead * 2 > len(self._watch):
+                self._watch = [item for item in self._watch if item[3]]
+                heapq.heapify(self._watch)
+                self._dead = 0
+
+    def _check_watchers(self) -> None:
+        watch, head = self._watch, self._ring.head
+        while watch and watch[0][0] <= head:
+            item = heapq.heappop(watch)
+            if not item[3]:
+                self._dead -= 1
+                continue
+            watcher = item[2]
+            threshold = watcher.lag_threshold()
+            if threshold <= head:
+                item[3] = False
+                watcher.on_lag()
+            else:
+                item[0] = threshold
+                heapq.heappush(watch, item)
+
+    def statistics(self) -> LogStatistics:
+        """A snapshot of the log (after expiring what is due)."""
+        self.expire()
+        ring = self._ring
+        oldest = ring.oldest
+        return LogStatistics(
+            depth=len(ring),
+            nbytes=ring.nbytes,
+            capacity=self.capacity,
+            max_bytes=self.max_bytes,
+            saturation=self.saturation,
+            oldest_id=None if oldest is None else oldest.id,
+            head_id=ring.id_of(ring.head),
+            published=self.published,
+            expired=ring.expired,
+            rejected=self.rejected,
+            waiters=self._waiters,
+        )
