@@ -585,6 +585,12 @@ class Hub:
         cutoff = trio.current_time() - self.config.client_ttl
         self._evict_clients(lambda c: c.last_seen <= cutoff, all_of_them=True)
 
+    async def run_housekeeping(self) -> None:
+        """Call `housekeep` once a second, forever."""
+        while True:
+            await trio.sleep(HOUSEKEEPING_INTERVAL)
+            self.housekeep()
+
     def statistics(self) -> HubStatistics:
         """A snapshot of the hub's counters."""
         bucket = self.global_bucket
@@ -616,18 +622,12 @@ def _checked(events: Iterable[Event]) -> list[Event]:
 
 @asynccontextmanager
 async def open_hub(config: HubConfig | None = None) -> AsyncIterator[Hub]:
-    """A `Hub` whose housekeeping runs (once a second) while the block runs.
+    """A `Hub` whose housekeeping (`Hub.run_housekeeping`) runs while the block runs.
 
     Cancellation: leaving the block stops the housekeeping task.
     """
     hub = Hub(config or HubConfig())
     async with trio.open_nursery() as nursery:
-
-        async def housekeeping() -> None:
-            while True:
-                await trio.sleep(HOUSEKEEPING_INTERVAL)
-                hub.housekeep()
-
-        nursery.start_soon(housekeeping)
+        nursery.start_soon(hub.run_housekeeping)
         yield hub
         nursery.cancel_scope.cancel()

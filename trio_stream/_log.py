@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import attrs
 import trio
 
-from ._core._errors import LocalProtocolError
+from ._core._errors import BatchTooLargeError, LocalProtocolError
 from ._core._events import Event, encode
 from ._core._ring import Entry, Gap, Resume, Ring
 
@@ -172,10 +172,13 @@ class MemoryLog:
     # -- writing ---------------------------------------------------------------------
 
     def _prepare(self, events: Iterable[Event]) -> tuple[list[tuple[Event, bytes]], int]:
-        bodies = [(e, encode(e)) for e in map(_clean, events)]
+        try:
+            bodies = [(e, encode(e)) for e in map(_clean, events)]
+        except UnicodeEncodeError as error:
+            raise LocalProtocolError(f"event data is not valid Unicode: {error.reason}") from None
         nbytes = sum(self._ring.wire_size(body) for _, body in bodies)
         if not self._ring.fits_ever(len(bodies), nbytes):
-            raise LocalProtocolError(
+            raise BatchTooLargeError(
                 f"{len(bodies)} events of {nbytes} bytes can never fit in the log of "
                 f"topic {self.topic!r} ({self.capacity} events, {self.max_bytes} bytes)"
             )
@@ -201,7 +204,8 @@ class MemoryLog:
         Raises:
             trio.WouldBlock: The log is full of events that have not expired yet
                 (fail closed: nothing already accepted is dropped to make room).
-            LocalProtocolError: The events could never fit, even in an empty log.
+            BatchTooLargeError: The events could never fit, even in an empty log.
+            LocalProtocolError: An event's data is not valid Unicode.
         """
         bodies, nbytes = self._prepare(events)
         entries = self._commit(bodies, nbytes)
@@ -214,7 +218,8 @@ class MemoryLog:
         """Append *events*, waiting while the log is full; returns their entries.
 
         Raises:
-            LocalProtocolError: The events could never fit, even in an empty log.
+            BatchTooLargeError: The events could never fit, even in an empty log.
+            LocalProtocolError: An event's data is not valid Unicode.
 
         Cancellation: safe; if cancelled, nothing was appended.
         Backpressure: waits until enough of the oldest events expire.

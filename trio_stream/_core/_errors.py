@@ -1,6 +1,9 @@
+"""The exceptions trio_stream raises, all under `TrioStreamError`."""
+
 from __future__ import annotations
 
 __all__ = [
+    "BatchTooLargeError",
     "ClientPausedError",
     "LimitExceededError",
     "LocalProtocolError",
@@ -71,3 +74,7 @@ class UnknownClientError(TrioStreamError, LookupError):
 
 class NotSentError(TrioStreamError):
     """An acknowledgement names an event that was never sent to this client."""
+
+
+class BatchTooLargeError(LocalProtocolError):
+    """A batch of events could never fit in a topic's log, even an empty one."""

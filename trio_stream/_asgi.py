@@ -1,0 +1,662 @@
+"""The ASGI application: the HTTP contract (``CONTRACT.md``) on top of a `Hub`.
+
+Served by hypercorn's trio worker (``trio-stream serve``), or by any ASGI server that
+runs on Trio. Every error a request can cause is answered with a 4xx and a JSON body
+``{"error": "..."}``; nothing a client sends reaches other clients' streams.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, quote
+
+import attrs
+import trio
+
+from ._core._errors import (
+    BatchTooLargeError,
+    ClientPausedError,
+    LimitExceededError,
+    LocalProtocolError,
+    NotSentError,
+    TopicLimitError,
+    UnknownClientError,
+)
+from ._core._events import Event, encode, encode_retry
+from ._core._names import check_client_id, check_topic
+from ._hub import Hub, HubConfig
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ._metrics import exposition
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from ._connection import Connection
+    from ._core._ring import Entry, Gap
+
+__all__ = ["App", "AppConfig"]
+
+logger: Final = logging.getLogger("trio_stream")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_PUBLISH_BODY: Final = 1024 * 1024
+MAX_ACK_BODY: Final = 64 * 1024
+DEFAULT_POLL_LIMIT: Final = 100
+MAX_POLL_LIMIT: Final = 1000
+HEARTBEAT: Final = b":\n\n"
+DRAIN_WRITE_TIMEOUT: Final = 1.0
+CORS_EXPOSED: Final = b"X-Client-ID, Retry-After, X-Stream-Pause"
+CORS_ALLOWED_HEADERS: Final = b"Content-Type, Authorization, X-Client-ID, Last-Event-ID"
+
+
+@attrs.frozen(kw_only=True)
+class AppConfig:
+    """How the application behaves on top of its hub's limits.
+
+    Attributes:
+        hub: The hub's limits (rates, logs, timeouts, ...).
+        publish_token: When set, publishing needs ``Authorization: Bearer <token>``.
+        cors_origins: Origins allowed to stream, poll and ack from a browser (``"*"``
+            for any).
+        drain_grace_period: Seconds streams get to end cleanly when the server stops.
+        demo: Serve the demo page at ``/`` and its settings at ``/demo/config``.
+    """
+
+    hub: HubConfig = attrs.field(factory=HubConfig)
+    publish_token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    drain_grace_period: float = 5.0
+    demo: bool = False
+
+
+class _HTTPError(Exception):
+    """An answer other than success, raised from deep inside a handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+        self.extra = extra or {}
+
+
+def _retry_after(seconds: float) -> tuple[bytes, bytes]:
+    return (b"retry-after", str(max(1, math.ceil(seconds))).encode())
+
+
+@attrs.define(eq=False)
+class _Request:
+    scope: Scope
+    receive: Receive
+    send: Send
+    headers: dict[bytes, bytes] = attrs.field(init=False)
+    query: list[tuple[str, str]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.headers = {}
+        for name, value in self.scope.get("headers", ()):
+            self.headers.setdefault(bytes(name).lower(), bytes(value))
+        try:
+            raw = bytes(self.scope.get("query_string", b"")).decode("ascii")
+            self.query = parse_qsl(raw, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            self.query = []
+            raise _HTTPError(400, "the query string is not valid UTF-8") from None
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else value.decode("utf-8", "replace")
+
+    def param(self, name: str) -> str | None:
+        for key, value in self.query:
+            if key == name:
+                return value
+        return None
+
+    def client_id(self) -> str | None:
+        client_id = self.header(b"x-client-id")
+        if client_id is None:
+            client_id = self.param("client_id")
+        if client_id is not None:
+            try:
+                check_client_id(client_id)
+            except LocalProtocolError as error:
+                raise _HTTPError(400, str(error)) from None
+        return client_id
+
+    async def body(self, limit: int) -> bytes:
+        length = self.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _HTTPError(413, f"request body over {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _HTTPError(400, "client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _HTTPError(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def json(self, limit: int) -> object:
+        raw = await self.body(limit)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as error:
+            raise _HTTPError(400, f"body is not valid JSON: {error}") from None
+
+
+@attrs.define(eq=False)
+class _SSESink:
+    """Frames a connection's writes as Server-Sent Events in ASGI body messages."""
+
+    send: Send
+    topic: str
+    client_id: str
+
+    async def _write(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def send_events(self, entries: Sequence[Entry]) -> None:
+        if len(entries) == 1:
+            await self._write(entries[0].wire)
+        else:
+            await self._write(b"".join([entry.wire for entry in entries]))
+
+    async def send_heartbeat(self) -> None:
+        await self._write(HEARTBEAT)
+
+    async def send_reset(self, gap: Gap) -> None:
+        data = json.dumps({"reason": gap.reason, "last_event_id": gap.last_event_id})
+        await self._write(encode(Event(event="reset", data=data)))
+
+    async def send_pause(self, after: str | None, retry_after: float) -> None:
+        data = json.dumps(
+            {
+                "poll_url": poll_url(self.topic, after, self.client_id),
+                "retry_after_ms": round(retry_after * 1000),
+            }
+        )
+        await self._write(encode(Event(event="pause", data=data)))
+
+
+def poll_url(topic: str, after: str | None, client_id: str) -> str:
+    """The path a paused client polls: ``/streams/{topic}/poll?after=...&client_id=...``."""
+    query = f"client_id={quote(client_id, safe='')}"
+    if after is not None:
+        query = f"after={quote(after, safe='')}&{query}"
+    return f"/streams/{quote(topic, safe='')}/poll?{query}"
+
+
+def _check_events(body: object) -> list[Event]:
+    items = body if isinstance(body, list) else [body]
+    events = []
+    for index, item in enumerate(items):
+        where = f"event {index}" if isinstance(body, list) else "the event"
+        if not isinstance(item, dict):
+            raise _HTTPError(400, f"{where} must be a JSON object with 'data' and 'event'")
+        unknown = set(item) - {"data", "event"}
+        if unknown:
+            raise _HTTPError(400, f"{where} has unknown fields: {sorted(unknown)}")
+        data, name = item.get("data"), item.get("event")
+        if not isinstance(data, str):
+            raise _HTTPError(400, f"{where}: 'data' must be a string")
+        if name is not None and not isinstance(name, str):
+            raise _HTTPError(400, f"{where}: 'event' must be a string")
+        try:
+            events.append(Event(data=data, event=name))
+        except (LocalProtocolError, ValueError) as error:
+            raise _HTTPError(400, f"{where}: {error}") from None
+    return events
+
+
+@attrs.define(eq=False)
+class App:
+    """The ASGI application serving the contract.
+
+    Args:
+        config: Its settings; a default `AppConfig` when omitted.
+
+    Attributes:
+        hub: The engine behind it (usable to publish from the same process).
+    """
+
+    config: AppConfig = attrs.field(factory=AppConfig)
+    hub: Hub = attrs.field(init=False)
+    _streams: set[trio.CancelScope] = attrs.field(factory=set, init=False)
+    _draining: bool = attrs.field(default=False, init=False)
+    _drained: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _background: list[Callable[[Hub], Awaitable[object]]] = attrs.field(factory=list, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.hub = Hub(self.config.hub)
+
+    def run_in_background(self, task: Callable[[Hub], Awaitable[object]]) -> None:
+        """Run ``task(hub)`` for the lifetime of the server (from lifespan startup)."""
+        self._background.append(task)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- lifespan and draining -----------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.hub.run_housekeeping)
+            for task in self._background:
+                nursery.start_soon(task, self.hub)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await self.drain()
+            nursery.cancel_scope.cancel()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def drain(self) -> None:
+        """End every open stream with a final ``retry`` hint, within the grace period.
+
+        New streams are refused (503) from now on. Returns when all streams have ended
+        or the grace period is over.
+        """
+        self._draining = True
+        for scope in list(self._streams):
+            scope.cancel()
+        if not self._streams:
+            self._drained.set()
+        with trio.move_on_after(self.config.drain_grace_period):
+            await self._drained.wait()
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            request = _Request(scope, receive, tracked_send)
+            await self._route(request)
+        except _HTTPError as error:
+            if not started:
+                await self._error(scope, tracked_send, error)
+        except Exception:
+            logger.exception("unexpected error serving %s %s", scope["method"], scope["path"])
+            if not started:
+                await self._error(scope, tracked_send, _HTTPError(500, "internal error"))
+
+    async def _route(self, request: _Request) -> None:
+        path: str = request.scope["path"]
+        method: str = request.scope["method"]
+        if method == "OPTIONS":
+            await self._preflight(request)
+            return
+        parts = path.split("/")
+        if path == "/healthz":
+            self._allow(method, "GET")
+            await self._respond(request, 200, b"ok", content_type=b"text/plain; charset=utf-8")
+        elif path == "/metrics":
+            self._allow(method, "GET")
+            body = exposition(self.hub)
+            await self._respond(request, 200, body, content_type=METRICS_CONTENT_TYPE.encode())
+        elif path == "/static/trio-stream.js":
+            self._allow(method, "GET")
+            await self._static(request, "trio-stream.js", b"text/javascript; charset=utf-8")
+        elif self.config.demo and path == "/":
+            self._allow(method, "GET")
+            await self._static(request, "demo.html", b"text/html; charset=utf-8")
+        elif self.config.demo and path == "/demo/config":
+            self._allow(method, "GET")
+            cfg = self.config.hub
+            await self._json(
+                request,
+                200,
+                {
+                    "rate": cfg.rate,
+                    "burst": cfg.burst,
+                    "lag_limit": cfg.lag_limit,
+                    "window": cfg.window,
+                    "topic": "demo",
+                },
+            )
+        elif len(parts) == 3 and parts[1] == "streams" and parts[2]:
+            topic = self._topic(parts[2])
+            if method == "GET":
+                await self._stream(request, topic)
+            elif method == "POST":
+                await self._publish(request, topic)
+            else:
+                raise self._not_allowed("GET, POST, OPTIONS")
+        elif len(parts) == 4 and parts[1] == "streams" and parts[3] in ("ack", "poll"):
+            topic = self._topic(parts[2])
+            if parts[3] == "ack":
+                self._allow(method, "POST")
+                await self._ack(request, topic)
+            else:
+                self._allow(method, "GET")
+                await self._poll(request, topic)
+        else:
+            raise _HTTPError(404, f"no such path: {path[:200]}")
+
+    @staticmethod
+    def _topic(name: str) -> str:
+        try:
+            return check_topic(name)
+        except LocalProtocolError as error:
+            raise _HTTPError(400, str(error)) from None
+
+    def _allow(self, method: str, allowed: str) -> None:
+        if method not in allowed.split(", "):
+            raise self._not_allowed(f"{allowed}, OPTIONS")
+
+    @staticmethod
+    def _not_allowed(allowed: str) -> _HTTPError:
+        return _HTTPError(405, "method not allowed", headers=[(b"allow", allowed.encode())])
+
+    # -- responses ------------------------------------------------------------------------
+
+    def _cors(self, request: _Request) -> list[tuple[bytes, bytes]]:
+        origins = self.config.cors_origins
+        origin = request.headers.get(b"origin")
+        if not origins or origin is None:
+            return []
+        if "*" in origins:
+            return [
+                (b"access-control-allow-origin", b"*"),
+                (b"access-control-expose-headers", CORS_EXPOSED),
+            ]
+        if origin.decode("latin-1") in origins:
+            return [
+                (b"access-control-allow-origin", origin),
+                (b"access-control-allow-credentials", b"true"),
+                (b"access-control-expose-headers", CORS_EXPOSED),
+                (b"vary", b"Origin"),
+            ]
+        return []
+
+    async def _preflight(self, request: _Request) -> None:
+        cors = self._cors(request)
+        headers = [(b"allow", b"GET, POST, OPTIONS")]
+        if cors:
+            headers += [
+                *cors,
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", CORS_ALLOWED_HEADERS),
+                (b"access-control-max-age", b"600"),
+            ]
+        await self._respond(request, 204, b"", headers=headers)
+
+    async def _respond(
+        self,
+        request: _Request,
+        status: int,
+        body: bytes,
+        *,
+        content_type: bytes | None = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        all_headers = [(b"cache-control", b"no-store"), *headers]
+        if content_type is not None:
+            all_headers.append((b"content-type", content_type))
+        all_headers.append((b"content-length", str(len(body)).encode()))
+        await request.send(
+            {"type": "http.response.start", "status": status, "headers": all_headers}
+        )
+        await request.send({"type": "http.response.body", "body": body})
+
+    async def _json(
+        self,
+        request: _Request,
+        status: int,
+        payload: object,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        await self._respond(
+            request, status, body, content_type=b"application/json", headers=headers
+        )
+
+    async def _error(self, scope: Scope, send: Send, error: _HTTPError) -> None:
+        payload = {"error": error.message, **error.extra}
+        body = json.dumps(payload).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            *error.headers,
+        ]
+        if any(name == b"retry-after" for name, _ in error.headers):
+            self.hub.signal("retry_after")
+        try:
+            request_headers = {bytes(k).lower(): bytes(v) for k, v in scope.get("headers", ())}
+            if request_headers.get(b"origin") and self.config.cors_origins:
+                fake = _Request.__new__(_Request)
+                fake.headers = request_headers
+                headers += self._cors(fake)
+        except Exception:  # pragma: no cover - CORS on an error is best effort
+            pass
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _static(self, request: _Request, name: str, content_type: bytes) -> None:
+        body = resources.files("trio_stream").joinpath("static", name).read_bytes()
+        await self._respond(request, 200, body, content_type=content_type)
+
+    # -- the endpoints ---------------------------------------------------------------------
+
+    def _ack_window(self, request: _Request) -> int | None:
+        raw = request.param("ack")
+        if raw is None:
+            return None
+        if raw == "":
+            return self.config.hub.window
+        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            raise _HTTPError(400, f"ack must be an integer from 1 to 10000, got {raw[:50]!r}")
+        return int(raw)
+
+    def _connect(self, request: _Request, topic: str) -> Connection:
+        if self._draining:
+            raise _HTTPError(503, "server is shutting down", headers=[_retry_after(1)])
+        ack = self._ack_window(request)
+        last_event_id = request.header(b"last-event-id")
+        if last_event_id is None:
+            last_event_id = request.param("last_event_id")
+        try:
+            return self.hub.connect(
+                topic, client_id=request.client_id(), last_event_id=last_event_id, ack=ack
+            )
+        except ClientPausedError as paused:
+            raise _HTTPError(
+                429,
+                "paused",
+                headers=[_retry_after(paused.retry_after), (b"x-stream-pause", b"true")],
+                extra={"poll_url": poll_url(topic, paused.after, paused.client_id)},
+            ) from None
+        except LimitExceededError as error:
+            raise _HTTPError(429, str(error), headers=[_retry_after(error.retry_after)]) from None
+        except TopicLimitError:
+            raise _HTTPError(429, "too many topics") from None
+        except LocalProtocolError as error:
+            raise _HTTPError(400, str(error)) from None
+
+    async def _stream(self, request: _Request, topic: str) -> None:
+        connection = self._connect(request, topic)
+        with connection:
+            headers = [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                (b"x-client-id", connection.client_id.encode()),
+                *self._cors(request),
+            ]
+            if request.scope.get("http_version") == "1.1":
+                headers.append((b"connection", b"keep-alive"))
+            send = request.send
+            retry = encode_retry(self.config.hub.retry_ms)
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": retry, "more_body": True})
+            self.hub.signal("retry_field")
+            sink = _SSESink(send, topic, connection.client_id)
+            with trio.CancelScope() as drain:
+                self._streams.add(drain)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_watch_disconnect, request.receive, nursery.cancel_scope)
+                        await connection.run(sink)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    self._streams.discard(drain)
+                    if self._draining and not self._streams:
+                        self._drained.set()
+            if drain.cancelled_caught:
+                with trio.move_on_after(DRAIN_WRITE_TIMEOUT) as cleanup:
+                    cleanup.shield = True
+                    await send({"type": "http.response.body", "body": retry, "more_body": True})
+                    self.hub.signal("retry_field")
+        with trio.move_on_after(DRAIN_WRITE_TIMEOUT) as cleanup:
+            cleanup.shield = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _publish(self, request: _Request, topic: str) -> None:
+        self._authorize_publish(request)
+        events = _check_events(await request.json(MAX_PUBLISH_BODY))
+        try:
+            ids = self.hub.publish_nowait(topic, events)
+        except trio.WouldBlock:
+            retry_after = self.hub.publish_retry_after(topic)
+            raise _HTTPError(
+                429,
+                f"topic {topic!r} is full: retry later",
+                headers=[_retry_after(retry_after)],
+            ) from None
+        except TopicLimitError:
+            raise _HTTPError(429, "too many topics") from None
+        except BatchTooLargeError as error:
+            raise _HTTPError(413, str(error)) from None
+        except LocalProtocolError as error:
+            raise _HTTPError(400, str(error)) from None
+        await self._json(request, 202, {"ids": ids})
+
+    def _authorize_publish(self, request: _Request) -> None:
+        token = self.config.publish_token
+        if token is None:
+            return
+        scheme, _, given = (request.header(b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise _HTTPError(
+                401,
+                "publishing needs a valid bearer token",
+                headers=[(b"www-authenticate", b'Bearer realm="trio-stream"')],
+            )
+
+    async def _ack(self, request: _Request, topic: str) -> None:
+        body = await request.json(MAX_ACK_BODY)
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "the body must be a JSON object")
+        client_id, last_event_id = body.get("client_id"), body.get("last_event_id")
+        utilization = body.get("buffer_utilization")
+        if not isinstance(client_id, str):
+            raise _HTTPError(400, "'client_id' must be a string")
+        if not isinstance(last_event_id, str):
+            raise _HTTPError(400, "'last_event_id' must be a string")
+        if utilization is not None and (
+            isinstance(utilization, bool) or not isinstance(utilization, int | float)
+        ):
+            raise _HTTPError(400, "'buffer_utilization' must be a number from 0.0 to 1.0")
+        try:
+            check_client_id(client_id)
+            self.hub.ack(
+                topic,
+                client_id=client_id,
+                last_event_id=last_event_id,
+                buffer_utilization=None if utilization is None else float(utilization),
+            )
+        except UnknownClientError as error:
+            raise _HTTPError(404, str(error)) from None
+        except NotSentError as error:
+            raise _HTTPError(409, str(error)) from None
+        except ValueError as error:  # LocalProtocolError included
+            raise _HTTPError(400, str(error)) from None
+        await self._respond(request, 204, b"", headers=self._cors(request))
+
+    async def _poll(self, request: _Request, topic: str) -> None:
+        raw = request.param("limit")
+        limit = DEFAULT_POLL_LIMIT
+        if raw is not None:
+            if not raw.isdigit() or int(raw) < 1:
+                raise _HTTPError(400, f"limit must be a positive integer, got {raw[:50]!r}")
+            limit = min(int(raw), MAX_POLL_LIMIT)
+        client_id = request.client_id() or secrets.token_urlsafe(12)
+        try:
+            result = self.hub.poll(
+                topic, client_id=client_id, after=request.param("after"), limit=limit
+            )
+        except LimitExceededError as error:  # RateLimitedError included
+            raise _HTTPError(429, str(error), headers=[_retry_after(error.retry_after)]) from None
+        except TopicLimitError:
+            raise _HTTPError(429, "too many topics") from None
+        events = ",".join(entry.json for entry in result.events)
+        tail = json.dumps(
+            {
+                "last_event_id": result.last_event_id,
+                "reset": result.reset,
+                "resume_stream": result.resume_stream,
+            }
+        )
+        body = f'{{"events": [{events}], {tail[1:]}'.encode()
+        await self._respond(
+            request,
+            200,
+            body,
+            content_type=b"application/json",
+            headers=[(b"x-client-id", client_id.encode()), *self._cors(request)],
+        )
+
+    # -- WebSocket ---------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from ._websocket import serve_websocket
+
+        await serve_websocket(self, scope, receive, send)
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """Cancel *scope* when the client goes away (when the server tells us)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

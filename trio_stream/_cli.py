@@ -1,0 +1,337 @@
+"""``trio-stream serve|demo``: the application under hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ._asgi import App, AppConfig
+from ._core._events import Event
+from ._hub import HubConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from ._hub import Hub
+
+__all__ = ["app_from_env", "build_app", "main", "serve_app"]
+
+ENV_PREFIX: Final = "TRIO_STREAM_"
+DEMO_TOPIC: Final = "demo"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text!r}")
+    return value
+
+
+def _window(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 10000, got {text!r}")
+    return value
+
+
+# (flag, type, default, help): the contract's table, in its order.
+OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
+    (
+        "--rate",
+        _non_negative_float,
+        100.0,
+        "per-client token bucket: events/s delivered to one client (0: none)",
+    ),
+    ("--burst", _positive_int, 20, "per-client bucket size: events that may go out back to back"),
+    (
+        "--global-rate",
+        _non_negative_float,
+        0.0,
+        "cap on events/s delivered by the whole server (0: none)",
+    ),
+    ("--global-burst", _positive_int, None, "size of the global bucket (default: same as --burst)"),
+    ("--window", _window, 64, "default ack window for clients that ask for acks without a size"),
+    ("--log-capacity", _positive_int, 10_000, "events a topic's replay log retains"),
+    ("--log-ttl", _positive_float, 30.0, "seconds an event stays in a topic's replay log"),
+    (
+        "--log-max-bytes",
+        _positive_int,
+        16 * 1024 * 1024,
+        "bytes of encoded events a topic's replay log retains",
+    ),
+    ("--max-topics", _positive_int, 10_000, "topics the server holds at once"),
+    (
+        "--lag-limit",
+        _positive_int,
+        1000,
+        "events a client may fall behind its topic's head before it is paused and polls",
+    ),
+    (
+        "--heartbeat",
+        _positive_float,
+        15.0,
+        "seconds of idleness after which a comment line is sent",
+    ),
+    ("--retry-ms", _non_negative_int, 3000, "value of the retry: field sent at stream start"),
+    (
+        "--idle-timeout",
+        _positive_float,
+        60.0,
+        "seconds a stream may go without progress (no write completes, or no ack in ack "
+        "mode) before it is closed",
+    ),
+    ("--max-streams-per-client", _positive_int, 4, "concurrent streams one client id may hold"),
+    ("--max-connections", _positive_int, 10_000, "concurrent streams the server accepts in all"),
+    ("--publish-token", str, None, "when set, publishing needs 'Authorization: Bearer TOKEN'"),
+    (
+        "--cors-origins",
+        str,
+        None,
+        "comma-separated origins (or *) allowed to stream, poll and ack from other origins",
+    ),
+    ("--backend", str, "memory", "'memory' (only this one so far)"),
+    (
+        "--certfile",
+        str,
+        None,
+        "serve TLS with this certificate (HTTP/2 offered by ALPN beside HTTP/1.1)",
+    ),
+    ("--keyfile", str, None, "the private key for --certfile"),
+    (
+        "--drain-grace",
+        _positive_float,
+        5.0,
+        "seconds open streams get to end cleanly on SIGINT/SIGTERM",
+    ),
+)
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-stream",
+        description="Rate-limited, backpressured Server-Sent Events streams over hypercorn.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
+    for name, summary in (
+        ("serve", "serve the hub"),
+        ("demo", "serve the hub with a bursty producer on topic 'demo' and a demo page at /"),
+    ):
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=f"{summary}. Every option may also be set by the environment "
+            f"variable named after it ({ENV_PREFIX}RATE for --rate, ...).",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sub.add_argument(
+            "--host",
+            default=os.environ.get(ENV_PREFIX + "HOST", "127.0.0.1"),
+            help="interface to listen on",
+        )
+        sub.add_argument(
+            "--port",
+            type=int,
+            default=int(os.environ.get(ENV_PREFIX + "PORT", "8000")),
+            help="port to listen on (0: any free port)",
+        )
+        for flag, kind, default, text in OPTIONS:
+            sub.add_argument(
+                flag, type=kind, default=default, help=f"{text} [env {_env_name(flag)}]"
+            )
+    return parser
+
+
+def _options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The options set in *environ*, parsed and checked like their flags."""
+    values: dict[str, Any] = {}
+    for flag, kind, _, _ in OPTIONS:
+        raw = environ.get(_env_name(flag))
+        if raw is not None:
+            try:
+                values[flag.lstrip("-").replace("-", "_")] = kind(raw)
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                raise SystemExit(f"{_env_name(flag)}: {error}") from None
+    return values
+
+
+def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
+    """An `App` from option values named as the flags (``global_rate`` for ``--global-rate``).
+
+    Raises:
+        SystemExit: An option value is not acceptable (with a message saying which).
+    """
+    get = options.get
+    backend = str(get("backend") or "memory")
+    if backend != "memory":
+        raise SystemExit(f"--backend {backend!r}: only 'memory' is available in this version")
+    try:
+        hub = HubConfig(
+            rate=float(get("rate", 100.0)),
+            burst=int(get("burst", 20)),
+            global_rate=float(get("global_rate", 0.0)),
+            global_burst=get("global_burst"),
+            window=int(get("window", 64)),
+            log_capacity=int(get("log_capacity", 10_000)),
+            log_ttl=float(get("log_ttl", 30.0)),
+            log_max_bytes=int(get("log_max_bytes", 16 * 1024 * 1024)),
+            max_topics=int(get("max_topics", 10_000)),
+            lag_limit=int(get("lag_limit", 1000)),
+            heartbeat_interval=float(get("heartbeat", 15.0)),
+            retry_ms=int(get("retry_ms", 3000)),
+            idle_timeout=float(get("idle_timeout", 60.0)),
+            max_streams_per_client=int(get("max_streams_per_client", 4)),
+            max_connections=int(get("max_connections", 10_000)),
+        )
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"bad option: {error}") from None
+    origins = get("cors_origins")
+    config = AppConfig(
+        hub=hub,
+        publish_token=get("publish_token"),
+        cors_origins=tuple(o.strip() for o in str(origins).split(",") if o.strip())
+        if origins
+        else (),
+        drain_grace_period=float(get("drain_grace", 5.0)),
+        demo=demo,
+    )
+    app = App(config)
+    if demo:
+        app.run_in_background(bursty_producer)
+    return app
+
+
+def app_from_env(environ: Mapping[str, str] | None = None) -> App:
+    """The app configured from ``TRIO_STREAM_*`` environment variables (``server:app``)."""
+    return build_app(_options_from_env(os.environ if environ is None else environ))
+
+
+async def bursty_producer(hub: Hub, *, topic: str = DEMO_TOPIC) -> None:
+    """Publish quiet spells and bursts well above the per-client rate, forever.
+
+    Each cycle: a few seconds at a trickle, then a burst at about four times the
+    per-client rate. Publishing waits when the log is full (the demo never drops).
+    """
+    rate = hub.config.rate or 100.0
+    seq = 0
+    while True:
+        for phase, per_second, seconds in (("quiet", 2.0, 4.0), ("burst", rate * 4, 2.0)):
+            deadline = trio.current_time() + seconds
+            while trio.current_time() < deadline:
+                seq += 1
+                data = (  # "ts" is wall-clock time: the page shows each event's age
+                    f'{{"seq": {seq}, "phase": "{phase}", "ts": {time.time():.3f}, '
+                    f'"value": {random.random():.4f}}}'
+                )
+                await hub.publish(topic, [Event(data=data)])
+                await trio.sleep(1 / per_second)
+
+
+async def serve_app(
+    app: App,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve *app* with hypercorn's trio worker until SIGINT or SIGTERM, then drain.
+
+    Calls ``task_status.started(urls)`` once listening.
+    """
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.loglevel = "WARNING"
+    config.graceful_timeout = app.config.drain_grace_period + 1
+    config.keep_alive_timeout = 75
+    if certfile:
+        config.certfile = certfile
+        config.keyfile = keyfile
+        config.alpn_protocols = ["h2", "http/1.1"]
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        await app.drain()
+
+    asgi: Any = app  # hypercorn's types want TypedDict scopes; ours are plain dicts
+    await serve(asgi, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``trio-stream`` command."""
+    args = _parser().parse_args(argv)
+    options = {**vars(args), **_options_from_env_overrides(args)}
+    if (options.get("certfile") is None) != (options.get("keyfile") is None):
+        raise SystemExit("--certfile and --keyfile go together")
+    app = build_app(options, demo=args.command == "demo")
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            serve = partial(
+                serve_app,
+                app,
+                host=args.host,
+                port=args.port,
+                certfile=options.get("certfile"),
+                keyfile=options.get("keyfile"),
+            )
+            urls = await nursery.start(serve)
+            suffix = "/" if args.command == "demo" else f"/streams/{DEMO_TOPIC}"
+            for url in urls:
+                print(f"trio-stream {args.command} listening on {url}  (try {url}{suffix})")
+            sys.stdout.flush()
+
+    trio.run(run)
+    return 0
+
+
+def _options_from_env_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Environment values for the options left at their defaults on the command line."""
+    from_env = _options_from_env(os.environ)
+    defaults = {flag.lstrip("-").replace("-", "_"): default for flag, _, default, _ in OPTIONS}
+    return {k: v for k, v in from_env.items() if getattr(args, k) == defaults[k]}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
