@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+from ._asgi import App as App
+from ._asgi import AppConfig as AppConfig
+from ._cli import serve_app as serve_app
+from ._client import (
+    EventStream as EventStream,
+)
+from ._client import (
+    EventStreamStatistics as EventStreamStatistics,
+)
+from ._client import (
+    HTTPStatusError as HTTPStatusError,
+)
+from ._client import (
+    StreamReset as StreamReset,
+)
+from ._client import (
+    StreamResetError as StreamResetError,
+)
+from ._client import (
+    open_event_stream as open_event_stream,
+)
+from ._client import (
+    publish as publish,
+)
 from ._connection import (
     Connection as Connection,
 )
@@ -111,6 +135,8 @@ from ._pipeline import (
 )
 
 __all__ = [
+    "App",
+    "AppConfig",
     "ClientPausedError",
     "ClientStatistics",
     "Connection",
@@ -119,7 +145,10 @@ __all__ = [
     "Decoder",
     "Entry",
     "Event",
+    "EventStream",
+    "EventStreamStatistics",
     "Gap",
+    "HTTPStatusError",
     "Hub",
     "HubConfig",
     "HubStatistics",
@@ -136,6 +165,8 @@ __all__ = [
     "SlidingWindow",
     "Source",
     "Stage",
+    "StreamReset",
+    "StreamResetError",
     "TokenBucket",
     "TopicLimitError",
     "TrioStreamError",
@@ -147,7 +178,10 @@ __all__ = [
     "filter_stage",
     "map_stage",
     "merge",
+    "open_event_stream",
     "open_hub",
     "open_pipeline",
+    "publish",
+    "serve_app",
     "throttle",
 ]

@@ -242,22 +242,33 @@ def app_from_env(environ: Mapping[str, str] | None = None) -> App:
 async def bursty_producer(hub: Hub, *, topic: str = DEMO_TOPIC) -> None:
     """Publish quiet spells and bursts well above the per-client rate, forever.
 
-    Each cycle: a few seconds at a trickle, then a burst at about four times the
-    per-client rate. Publishing waits when the log is full (the demo never drops).
+    Each 5 s cycle: 4 s at a trickle (2 events/s), then 1 s at four times the
+    per-client rate. The average stays below the rate, so a client that keeps up
+    catches up after each burst; one that does not falls behind and gets paused.
+    Events are due on a fixed schedule (not "sleep after each"), published in the
+    batches that fall due each tick; publishing waits when the log is full.
     """
     rate = hub.config.rate or 100.0
     seq = 0
     while True:
-        for phase, per_second, seconds in (("quiet", 2.0, 4.0), ("burst", rate * 4, 2.0)):
-            deadline = trio.current_time() + seconds
-            while trio.current_time() < deadline:
-                seq += 1
-                data = (  # "ts" is wall-clock time: the page shows each event's age
-                    f'{{"seq": {seq}, "phase": "{phase}", "ts": {time.time():.3f}, '
-                    f'"value": {random.random():.4f}}}'
-                )
-                await hub.publish(topic, [Event(data=data)])
-                await trio.sleep(1 / per_second)
+        for phase, per_second, seconds in (("quiet", 2.0, 4.0), ("burst", rate * 4, 1.0)):
+            start, sent, total = trio.current_time(), 0, round(per_second * seconds)
+            while sent < total:
+                due = min(total, int((trio.current_time() - start) * per_second) + 1)
+                batch = [
+                    Event(data=_demo_payload(seq + i, phase)) for i in range(1, due - sent + 1)
+                ]
+                await hub.publish(topic, batch)
+                seq, sent = seq + len(batch), due
+                await trio.sleep_until(start + sent / per_second)
+
+
+def _demo_payload(seq: int, phase: str) -> str:
+    # "ts" is wall-clock time: the page shows each event's age.
+    return (
+        f'{{"seq": {seq}, "phase": "{phase}", "ts": {time.time():.3f}, '
+        f'"value": {random.random():.4f}}}'
+    )
 
 
 async def serve_app(

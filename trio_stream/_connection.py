@@ -12,6 +12,7 @@ the only place events wait, and it is shared by every stream of the topic.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
@@ -113,6 +114,8 @@ class Connection:
     )
     _idle: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _pausing: bool = False
+    _writing: bool = False
+    _write_started: float = 0.0
     _released: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -146,6 +149,12 @@ class Connection:
         if self.state in ("new", "open"):
             self.state = "closed"
         self._stop_feeding()
+        if self._writing:  # a write that may never complete (a peer that stopped reading)
+            waited = trio.current_time() - self._write_started
+            if waited >= self.hub.config.write_stall_threshold:
+                self._writing = False  # counted now, not again if it completes later
+                self.write_stalls += 1
+                self.hub.note_stall(self, waited)
         if not self._released:
             self._released = True
             self.hub._release(self)
@@ -168,7 +177,8 @@ class Connection:
         self.state = "open"
         log = self.log
         try:
-            self._idle.deadline = trio.current_time() + cfg.idle_timeout
+            # Nothing is owed yet: waiting for events is not idleness (see `_progress`).
+            self._idle.deadline = math.inf
             with self._idle:
                 watch = log.watch_lag(self)
                 if self.lag_threshold() <= log.head:
@@ -179,15 +189,19 @@ class Connection:
                         granted_in, granted_out = trio.open_memory_channel[_Item](0)
                         nursery.start_soon(self._produce, batches_in)
                         nursery.start_soon(self._limit, batches_out, granted_in)
+                        nursery.start_soon(self._release_when_idle)
                         # The writer is not in the feeders' scopes: stopping them lets it
                         # finish the write in progress, then it sees the end of its channel.
                         await self._write(granted_out, sink)
+                        nursery.cancel_scope.cancel()  # the feeders are done: the watchdog
                 finally:
                     log.unwatch_lag(watch)
                 if self._pausing:
                     self.state = "paused"
                     after = self.last_event_id
-                    self.hub.pause(self, after)
+                    # Paused since `on_lag`; the write in progress then may have gone out.
+                    if self.topic.name in self.client.paused:
+                        self.client.paused[self.topic.name] = after
                     await sink.send_pause(after, cfg.poll_interval)
             if self._idle.cancelled_caught:
                 self.state = "idle"
@@ -196,26 +210,33 @@ class Connection:
 
     async def _produce(self, batches: trio.MemorySendChannel[_Item]) -> None:
         log, limit, cursor = self.log, self.hub.config.max_batch, self.position
+        with self._feeders[0]:
+            async with batches:
+                if self.gap is not None:
+                    self._lost(self.gap)
+                    await batches.send(self.gap)
+                while True:
+                    got = log.read_after(cursor, limit)
+                    if isinstance(got, Gap):
+                        self._lost(got)
+                        await batches.send(got)
+                        cursor = got.position
+                    elif got:
+                        await batches.send(got)
+                        cursor = got[-1].seq
+                    else:
+                        await log.wait_after(cursor)
+
+    async def _release_when_idle(self) -> None:
+        """Free the stream's place as soon as the idle timeout fires.
+
+        The writer may sit in a send the transport shields from cancellation (hypercorn
+        does), and the feeders may be gone already (after `on_lag`): this task is what
+        sees the timeout then.
+        """
         try:
-            with self._feeders[0]:
-                async with batches:
-                    if self.gap is not None:
-                        self._lost(self.gap)
-                        await batches.send(self.gap)
-                    while True:
-                        got = log.read_after(cursor, limit)
-                        if isinstance(got, Gap):
-                            self._lost(got)
-                            await batches.send(got)
-                            cursor = got.position
-                        elif got:
-                            await batches.send(got)
-                            cursor = got[-1].seq
-                        else:
-                            await log.wait_after(cursor)
+            await trio.sleep_forever()
         finally:
-            # The writer may sit in a send the transport shields from cancellation;
-            # an idle timeout still frees the stream's place at once.
             if self._idle.cancel_called:
                 self.close()
 
@@ -254,6 +275,20 @@ class Connection:
         bucket, overall = client.bucket, hub.global_bucket
         if bucket is None and overall is None:
             return want
+        now = trio.current_time()
+        if not client.lock.locked() and not (overall is not None and hub.global_lock.locked()):
+            # The common case: tokens at hand and nobody queued; no checkpoint needed.
+            n = want
+            if bucket is not None:
+                n = min(n, bucket.available(now))
+            if overall is not None:
+                n = min(n, overall.available(now))
+            if n:
+                if bucket is not None:
+                    bucket.consume(now, n)
+                if overall is not None:
+                    overall.consume(now, n)
+                return n
         async with client.lock:
             if bucket is not None:
                 await trio.sleep_until(bucket.ready_at(trio.current_time()))
@@ -281,6 +316,9 @@ class Connection:
                     except trio.EndOfChannel:
                         return
                 started = trio.current_time()
+                if self._idle.deadline == math.inf:  # a write has idle_timeout to complete
+                    self._idle.deadline = started + hub.config.idle_timeout
+                self._writing, self._write_started = True, started
                 if item is None:
                     await sink.send_heartbeat()
                 elif isinstance(item, Gap):
@@ -293,11 +331,13 @@ class Connection:
                     self.sent += n
                     hub.sent += n
                     lag_histogram.observe(self.log.head - self.position, n)
+                counted = not self._writing  # close() counted it already
+                self._writing = False
                 now = trio.current_time()
                 if item and not isinstance(item, Gap):
                     for entry in item:
                         latency.observe(now - entry.published_at)
-                if now - started >= stall:
+                if now - started >= stall and not counted:
                     self.write_stalls += 1
                     hub.note_stall(self, now - started)
                 self._progress(now)
@@ -309,10 +349,15 @@ class Connection:
             record.sent = position
 
     def _progress(self, now: float, *, ack: bool = False) -> None:
-        """Move the idle deadline: on an ack, or a write while no ack is awaited."""
+        """Move the idle deadline: on an ack, or a write while no ack is awaited.
+
+        The clock runs only while something is owed: a write in progress, or, in ack
+        mode, an ack for events sent. A stream with nothing to send is not idle.
+        """
         window = self.window
         if ack or window is None or not window.outstanding:
-            self._idle.deadline = now + self.hub.config.idle_timeout
+            owed = self._writing or (window is not None and bool(window.outstanding))
+            self._idle.deadline = now + self.hub.config.idle_timeout if owed else math.inf
 
     # -- called by the hub -------------------------------------------------------------
 
@@ -330,8 +375,14 @@ class Connection:
         return self.position + self.hub.config.lag_limit + 1
 
     def on_lag(self) -> None:
-        """The head passed the lag limit: end the chain and pause the client."""
-        self._pausing = True
+        """The head passed the lag limit: end the chain and pause the client.
+
+        The client is paused at once, even if a write that will never complete holds
+        the stream: its next stream request is refused until it has polled.
+        """
+        if not self._pausing:
+            self._pausing = True
+            self.hub.pause(self, self.last_event_id)
         self._stop_feeding()
 
     def _stop_feeding(self) -> None:
