@@ -133,6 +133,12 @@ from ._pipeline import (
 from ._pipeline import (
     throttle as throttle,
 )
+from ._ws_client import (
+    WebSocketEventStream as WebSocketEventStream,
+)
+from ._ws_client import (
+    open_websocket_stream as open_websocket_stream,
+)
 
 __all__ = [
     "App",
@@ -171,6 +177,7 @@ __all__ = [
     "TopicLimitError",
     "TrioStreamError",
     "UnknownClientError",
+    "WebSocketEventStream",
     "batch",
     "encode",
     "encode_comment",
@@ -181,6 +188,7 @@ __all__ = [
     "open_event_stream",
     "open_hub",
     "open_pipeline",
+    "open_websocket_stream",
     "publish",
     "serve_app",
     "throttle",

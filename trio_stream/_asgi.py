@@ -13,9 +13,10 @@ import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable
+from functools import partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, unquote
 
 import attrs
 import trio
@@ -165,6 +166,8 @@ class _Request:
             return json.loads(raw)
         except (UnicodeDecodeError, ValueError) as error:
             raise _HTTPError(400, f"body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise _HTTPError(400, "body is not acceptable JSON: nested too deeply") from None
 
 
 @attrs.define(eq=False)
@@ -199,6 +202,18 @@ class _SSESink:
             }
         )
         await self._write(encode(Event(event="pause", data=data)))
+
+
+def _integer(raw: str) -> int | None:
+    """The value of a query parameter of ASCII digits (``None`` if it is anything else).
+
+    Values past 10**18 are 10**18: huge is huge, and ``int()`` of thousands of digits
+    raises (Python's limit on integer string conversion).
+    """
+    if not (raw.isascii() and raw.isdigit()):  # str.isdigit() accepts "²" and "٣"
+        return None
+    digits = raw.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def poll_url(topic: str, after: str | None, client_id: str) -> str:
@@ -317,57 +332,77 @@ class App:
                 await self._error(scope, tracked_send, _HTTPError(500, "internal error"))
 
     async def _route(self, request: _Request) -> None:
-        path: str = request.scope["path"]
         method: str = request.scope["method"]
+        handlers = self._resource(request)
+        allowed = ", ".join([*handlers, "OPTIONS"])
         if method == "OPTIONS":
-            await self._preflight(request)
+            await self._preflight(request, allowed)
             return
-        parts = path.split("/")
+        handler = handlers.get(method)
+        if handler is None:
+            raise _HTTPError(405, "method not allowed", headers=[(b"allow", allowed.encode())])
+        await handler()
+
+    def _resource(self, request: _Request) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The handlers of the request's path, by method.
+
+        Raises:
+            _HTTPError: 404 for an unknown path, 400 for an invalid topic.
+        """
+        path: str = request.scope["path"]
+        # Split the path before percent-decoding it: `/streams/a%2Fack` names the topic
+        # "a/ack" (invalid), not the ack endpoint of topic "a".
+        raw_path = request.scope.get("raw_path")
+        if raw_path is None:
+            parts = path.split("/")
+        else:
+            parts = [unquote(part) for part in bytes(raw_path).decode("latin-1").split("/")]
+        plain: Callable[[], Awaitable[None]] | None = None
         if path == "/healthz":
-            self._allow(method, "GET")
-            await self._respond(request, 200, b"ok", content_type=b"text/plain; charset=utf-8")
-        elif path == "/metrics":
-            self._allow(method, "GET")
-            body = exposition(self.hub)
-            await self._respond(request, 200, body, content_type=METRICS_CONTENT_TYPE.encode())
-        elif path == "/static/trio-stream.js":
-            self._allow(method, "GET")
-            await self._static(request, "trio-stream.js", b"text/javascript; charset=utf-8")
-        elif self.config.demo and path == "/":
-            self._allow(method, "GET")
-            await self._static(request, "demo.html", b"text/html; charset=utf-8")
-        elif self.config.demo and path == "/demo/config":
-            self._allow(method, "GET")
-            cfg = self.config.hub
-            await self._json(
-                request,
-                200,
-                {
-                    "rate": cfg.rate,
-                    "burst": cfg.burst,
-                    "lag_limit": cfg.lag_limit,
-                    "window": cfg.window,
-                    "topic": "demo",
-                },
+            plain = partial(
+                self._respond, request, 200, b"ok", content_type=b"text/plain; charset=utf-8"
             )
+        elif path == "/metrics":
+            plain = partial(self._metrics, request)
+        elif path == "/static/trio-stream.js":
+            plain = partial(
+                self._static, request, "trio-stream.js", b"text/javascript; charset=utf-8"
+            )
+        elif self.config.demo and path == "/":
+            plain = partial(self._static, request, "demo.html", b"text/html; charset=utf-8")
+        elif self.config.demo and path == "/demo/config":
+            plain = partial(self._demo_config, request)
         elif len(parts) == 3 and parts[1] == "streams" and parts[2]:
             topic = self._topic(parts[2])
-            if method == "GET":
-                await self._stream(request, topic)
-            elif method == "POST":
-                await self._publish(request, topic)
-            else:
-                raise self._not_allowed("GET, POST, OPTIONS")
-        elif len(parts) == 4 and parts[1] == "streams" and parts[3] in ("ack", "poll"):
-            topic = self._topic(parts[2])
-            if parts[3] == "ack":
-                self._allow(method, "POST")
-                await self._ack(request, topic)
-            else:
-                self._allow(method, "GET")
-                await self._poll(request, topic)
-        else:
+            return {
+                "GET": partial(self._stream, request, topic),
+                "POST": partial(self._publish, request, topic),
+            }
+        elif len(parts) == 4 and parts[1] == "streams" and parts[3] == "ack":
+            return {"POST": partial(self._ack, request, self._topic(parts[2]))}
+        elif len(parts) == 4 and parts[1] == "streams" and parts[3] == "poll":
+            return {"GET": partial(self._poll, request, self._topic(parts[2]))}
+        if plain is None:
             raise _HTTPError(404, f"no such path: {path[:200]}")
+        return {"GET": plain, "HEAD": plain}  # `_respond` leaves the body out for HEAD
+
+    async def _metrics(self, request: _Request) -> None:
+        body = exposition(self.hub)
+        await self._respond(request, 200, body, content_type=METRICS_CONTENT_TYPE.encode())
+
+    async def _demo_config(self, request: _Request) -> None:
+        cfg = self.config.hub
+        await self._json(
+            request,
+            200,
+            {
+                "rate": cfg.rate,
+                "burst": cfg.burst,
+                "lag_limit": cfg.lag_limit,
+                "window": cfg.window,
+                "topic": "demo",
+            },
+        )
 
     @staticmethod
     def _topic(name: str) -> str:
@@ -375,14 +410,6 @@ class App:
             return check_topic(name)
         except LocalProtocolError as error:
             raise _HTTPError(400, str(error)) from None
-
-    def _allow(self, method: str, allowed: str) -> None:
-        if method not in allowed.split(", "):
-            raise self._not_allowed(f"{allowed}, OPTIONS")
-
-    @staticmethod
-    def _not_allowed(allowed: str) -> _HTTPError:
-        return _HTTPError(405, "method not allowed", headers=[(b"allow", allowed.encode())])
 
     # -- responses ------------------------------------------------------------------------
 
@@ -405,13 +432,13 @@ class App:
             ]
         return []
 
-    async def _preflight(self, request: _Request) -> None:
+    async def _preflight(self, request: _Request, allowed: str) -> None:
         cors = self._cors(request)
-        headers = [(b"allow", b"GET, POST, OPTIONS")]
+        headers = [(b"allow", allowed.encode())]
         if cors:
             headers += [
                 *cors,
-                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-methods", allowed.encode()),
                 (b"access-control-allow-headers", CORS_ALLOWED_HEADERS),
                 (b"access-control-max-age", b"600"),
             ]
@@ -433,6 +460,8 @@ class App:
         await request.send(
             {"type": "http.response.start", "status": status, "headers": all_headers}
         )
+        if request.scope.get("method") == "HEAD":
+            body = b""
         await request.send({"type": "http.response.body", "body": body})
 
     async def _json(
@@ -481,9 +510,10 @@ class App:
             return None
         if raw == "":
             return self.config.hub.window
-        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        value = _integer(raw)
+        if value is None or not 1 <= value <= 10_000:
             raise _HTTPError(400, f"ack must be an integer from 1 to 10000, got {raw[:50]!r}")
-        return int(raw)
+        return value
 
     def _connect(self, request: _Request, topic: str) -> Connection:
         if self._draining:
@@ -616,9 +646,10 @@ class App:
         raw = request.param("limit")
         limit = DEFAULT_POLL_LIMIT
         if raw is not None:
-            if not raw.isdigit() or int(raw) < 1:
+            value = _integer(raw)
+            if value is None or value < 1:
                 raise _HTTPError(400, f"limit must be a positive integer, got {raw[:50]!r}")
-            limit = min(int(raw), MAX_POLL_LIMIT)
+            limit = min(value, MAX_POLL_LIMIT)
         client_id = request.client_id() or secrets.token_urlsafe(12)
         try:
             result = self.hub.poll(

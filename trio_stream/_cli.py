@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -145,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="trio-stream",
         description="Rate-limited, backpressured Server-Sent Events streams over hypercorn.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,loadgen}")
     for name, summary in (
         ("serve", "serve the hub"),
         ("demo", "serve the hub with a bursty producer on topic 'demo' and a demo page at /"),
@@ -172,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 flag, type=kind, default=default, help=f"{text} [env {_env_name(flag)}]"
             )
+    from ._loadgen import add_parser as add_loadgen_parser
+
+    add_loadgen_parser(commands)
     return parser
 
 
@@ -278,11 +283,13 @@ async def serve_app(
     port: int = 8000,
     certfile: str | None = None,
     keyfile: str | None = None,
+    on_signal: Callable[[], object] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve *app* with hypercorn's trio worker until SIGINT or SIGTERM, then drain.
 
-    Calls ``task_status.started(urls)`` once listening.
+    Calls ``task_status.started(urls)`` once listening, and ``on_signal()`` (if given)
+    when the stop signal arrives, before draining.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -303,6 +310,8 @@ async def serve_app(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break
+        if on_signal is not None:
+            on_signal()
         await app.drain()
 
     asgi: Any = app  # hypercorn's types want TypedDict scopes; ours are plain dicts
@@ -312,6 +321,10 @@ async def serve_app(
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trio-stream`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "loadgen":
+        from ._loadgen import main as loadgen_main
+
+        return loadgen_main(args)
     options = {**vars(args), **_options_from_env_overrides(args)}
     if (options.get("certfile") is None) != (options.get("keyfile") is None):
         raise SystemExit("--certfile and --keyfile go together")
@@ -326,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=args.port,
                 certfile=options.get("certfile"),
                 keyfile=options.get("keyfile"),
+                on_signal=partial(_exit_after, app.config.drain_grace_period),
             )
             urls = await nursery.start(serve)
             suffix = "/" if args.command == "demo" else f"/streams/{DEMO_TOPIC}"
@@ -335,6 +349,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     trio.run(run)
     return 0
+
+
+def _exit_after(seconds: float) -> None:
+    """Exit the process (status 0) in *seconds*, if it has not ended by then.
+
+    Hypercorn shields its socket writes from cancellation, so a stream whose client
+    stopped reading holds its connection, and so the server, until the peer goes away.
+    The grace period bounds a stop all the same.
+    """
+
+    def exit_now() -> None:
+        logging.getLogger("trio_stream").warning(
+            "streams still open %.1f s after the stop signal (clients that stopped "
+            "reading): exiting anyway",
+            seconds,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def _options_from_env_overrides(args: argparse.Namespace) -> dict[str, Any]:

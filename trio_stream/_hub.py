@@ -538,8 +538,7 @@ class Hub:
         for bucket in (client.bucket, self.global_bucket):
             if bucket is not None:
                 allowed = min(allowed, bucket.available(now))
-                if not allowed:
-                    self.signal("retry_after")
+                if not allowed:  # the transport counts the signal it sends (429)
                     raise RateLimitedError(
                         "rate limit: poll later", retry_after=bucket.ready_at(now) - now
                     )
