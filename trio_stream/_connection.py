@@ -146,7 +146,7 @@ class Connection:
 
     def close(self) -> None:
         """Release the stream's place in the hub (idempotent); a running `run` ends."""
-        if self.state in ("new", "open"):
+        if self.state in ("new", "open") and not self._pausing:
             self.state = "closed"
         self._stop_feeding()
         if self._writing:  # a write that may never complete (a peer that stopped reading)
@@ -189,11 +189,9 @@ class Connection:
                         granted_in, granted_out = trio.open_memory_channel[_Item](0)
                         nursery.start_soon(self._produce, batches_in)
                         nursery.start_soon(self._limit, batches_out, granted_in)
-                        nursery.start_soon(self._release_when_idle)
                         # The writer is not in the feeders' scopes: stopping them lets it
                         # finish the write in progress, then it sees the end of its channel.
                         await self._write(granted_out, sink)
-                        nursery.cancel_scope.cancel()  # the feeders are done: the watchdog
                 finally:
                     log.unwatch_lag(watch)
                 if self._pausing:
@@ -210,33 +208,27 @@ class Connection:
 
     async def _produce(self, batches: trio.MemorySendChannel[_Item]) -> None:
         log, limit, cursor = self.log, self.hub.config.max_batch, self.position
-        with self._feeders[0]:
-            async with batches:
-                if self.gap is not None:
-                    self._lost(self.gap)
-                    await batches.send(self.gap)
-                while True:
-                    got = log.read_after(cursor, limit)
-                    if isinstance(got, Gap):
-                        self._lost(got)
-                        await batches.send(got)
-                        cursor = got.position
-                    elif got:
-                        await batches.send(got)
-                        cursor = got[-1].seq
-                    else:
-                        await log.wait_after(cursor)
-
-    async def _release_when_idle(self) -> None:
-        """Free the stream's place as soon as the idle timeout fires.
-
-        The writer may sit in a send the transport shields from cancellation (hypercorn
-        does), and the feeders may be gone already (after `on_lag`): this task is what
-        sees the timeout then.
-        """
         try:
-            await trio.sleep_forever()
+            with self._feeders[0]:
+                async with batches:
+                    if self.gap is not None:
+                        self._lost(self.gap)
+                        await batches.send(self.gap)
+                    while True:
+                        got = log.read_after(cursor, limit)
+                        if isinstance(got, Gap):
+                            self._lost(got)
+                            await batches.send(got)
+                            cursor = got.position
+                        elif got:
+                            await batches.send(got)
+                            cursor = got[-1].seq
+                        else:
+                            await log.wait_after(cursor)
         finally:
+            # The writer may sit in a send the transport shields from cancellation
+            # (hypercorn does): the idle timeout frees the stream's place at once anyway.
+            # (After `on_lag` the place is free already: see there.)
             if self._idle.cancel_called:
                 self.close()
 
@@ -383,7 +375,9 @@ class Connection:
         if not self._pausing:
             self._pausing = True
             self.hub.pause(self, self.last_event_id)
-        self._stop_feeding()
+        # The stream is over but for the write in progress and the pause message, which
+        # a peer that stopped reading may never take: free its place now.
+        self.close()
 
     def _stop_feeding(self) -> None:
         for scope in self._feeders:
