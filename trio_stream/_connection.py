@@ -329,6 +329,8 @@ class Connection:
                 if item and not isinstance(item, Gap):
                     for entry in item:
                         latency.observe(now - entry.published_at)
+                    if hub.tracing is not None:
+                        hub.tracing.delivered(self.topic.name, self.client.id, item, "write", now)
                 if now - started >= stall and not counted:
                     self.write_stalls += 1
                     hub.note_stall(self, now - started)

@@ -6,7 +6,7 @@ import logging
 import math
 import secrets
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from ._connection import Connection
     from ._core._events import Event
+    from ._tracing import Tracing
 
 __all__ = ["ClientStatistics", "Hub", "HubConfig", "HubStatistics", "PollResult", "open_hub"]
 
@@ -86,6 +87,8 @@ class HubConfig:
         poll_interval: Seconds a paused client is told to wait before polling.
         write_stall_threshold: A write that takes longer than this waited for the peer.
         on_saturation: Called with ``(topic, saturation)`` when a log passes 80 %.
+        tracer: An OpenTelemetry ``Tracer``: spans per publish and per delivery (to the
+            write and to the ack). ``None`` (the default) costs nothing.
     """
 
     rate: float = attrs.field(default=100.0, validator=_non_negative)
@@ -111,6 +114,7 @@ class HubConfig:
     poll_interval: float = attrs.field(default=1.0, validator=_non_negative)
     write_stall_threshold: float = attrs.field(default=0.1, validator=_positive)
     on_saturation: Callable[[str, float], object] | None = None
+    tracer: Any = None
 
 
 @attrs.define(eq=False)
@@ -217,11 +221,17 @@ class Hub:
     buffer_utilization: Histogram = attrs.field(
         factory=lambda: Histogram(RATIO_BUCKETS), init=False
     )
+    tracing: Tracing | None = attrs.field(init=False)
     _stall_log_at: float = attrs.field(default=-math.inf, init=False)
     _stalls_logged: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
+        self.tracing = None
+        if cfg.tracer is not None:
+            from ._tracing import Tracing  # needs opentelemetry-api: imported only if used
+
+            self.tracing = Tracing(cfg.tracer)
         self.global_bucket = (
             TokenBucket(cfg.global_rate, cfg.global_burst or cfg.burst) if cfg.global_rate else None
         )
@@ -265,6 +275,8 @@ class Hub:
 
     def _accepted(self, topic: _Topic, entries: list[Entry]) -> list[str]:
         self.published += len(entries)
+        if self.tracing is not None:
+            self.tracing.published(topic.name, entries)
         self._check_saturation(topic)
         return [entry.id for entry in entries]
 
@@ -506,10 +518,14 @@ class Hub:
             raise NotSentError(f"{last_event_id!r} was not sent to client {client_id!r}")
         if position <= record.acked:
             return
-        record.acked = position
+        previous, record.acked = record.acked, position
+        now = trio.current_time()
         entry = t.log.entry(position)
         if entry is not None:
-            self.ack_latency.observe(trio.current_time() - entry.published_at)
+            self.ack_latency.observe(now - entry.published_at)
+        if self.tracing is not None:
+            acked = [t.log.entry(p) for p in range(previous + 1, position + 1)]
+            self.tracing.delivered(topic, client_id, [e for e in acked if e], "ack", now)
         for connection in record.connections:
             connection.on_ack(position)
 

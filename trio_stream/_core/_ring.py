@@ -36,6 +36,8 @@ class Entry:
     """The SSE framing, ``id:`` line included: what every stream writes."""
     published_at: float
     _json: str | None = None
+    trace_context: object = None
+    """The publish span's context, when tracing is on."""
 
     @property
     def json(self) -> str:
