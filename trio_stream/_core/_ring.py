@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 
+from ._events import Event
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    from ._events import Event
 
 __all__ = ["Entry", "Gap", "Resume", "Ring"]
 
@@ -48,6 +48,10 @@ class Entry:
                 ensure_ascii=False,
             )
         return self._json
+
+
+_GONE: Final = Entry(seq=0, id="", event=Event(), wire=b"", published_at=0.0)
+"""Stands in the ring's slots of expired entries until they are compacted away."""
 
 
 @attrs.frozen(kw_only=True)
@@ -199,6 +203,7 @@ class Ring:
         end = start
         while end < len(entries) and entries[end].published_at <= cutoff:
             self._bytes -= len(entries[end].wire)
+            entries[end] = _GONE  # free the event now; the slot goes at the next compaction
             end += 1
         gone = end - start
         if gone:
@@ -229,6 +234,33 @@ class Ring:
     @property
     def _id_line_size(self) -> int:
         return len(self.epoch) + _SEQ_DIGITS + 6  # "id: " + epoch + "-" + seq + "\n"
+
+    def restart(self, head: int) -> int:
+        """Drop every retained entry and go on from *head*; returns how many went.
+
+        For a ring that mirrors a log kept elsewhere (see `extend`): when events between
+        the head and *head* were missed, readers behind find a `Gap`.
+        """
+        gone = len(self)
+        self.expired += gone
+        self._entries.clear()
+        self._start = self._bytes = 0
+        self._head = head
+        return gone
+
+    def extend(self, entries: Sequence[Entry]) -> None:
+        """Append entries made elsewhere, ids included, at positions ``head + 1`` on.
+
+        The caller numbers them contiguously and checks room if it must (a mirror of a
+        log bounded elsewhere does not).
+        """
+        if not entries:
+            return
+        if entries[0].seq != self._head + 1 or entries[-1].seq != self._head + len(entries):
+            raise ValueError("entries must continue the ring's positions without a hole")
+        self._bytes += sum(len(entry.wire) for entry in entries)
+        self._entries.extend(entries)
+        self._head = entries[-1].seq
 
     def append(self, bodies: Sequence[tuple[Event, bytes]], now: float) -> list[Entry]:
         """Append events with their encoded bodies; returns their entries.
