@@ -29,7 +29,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "ConnectionStatistics", "Sink"]
 
-_Item = list[Entry] | Gap
+
+class _Heartbeat:
+    """The item asking the writer for a heartbeat."""
+
+
+HEARTBEAT = _Heartbeat()
+_Item = list[Entry] | Gap | _Heartbeat
 
 
 class Sink(Protocol):
@@ -104,6 +110,8 @@ class Connection:
     """The log position of the last event written (or the one the stream started after)."""
     gap: Gap | None
     window: CreditWindow | None = attrs.field(converter=_window)
+    pending_resume: tuple[str | None] | None = None
+    """``(last_event_id,)`` while the log (a remote one, loading) could not resolve it yet."""
     state: Literal["new", "open", "paused", "idle", "closed"] = "new"
     sent: int = 0
     dropped: int = 0
@@ -114,6 +122,8 @@ class Connection:
     )
     _idle: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _pausing: bool = False
+    _last_write: float = 0.0
+    """When the last write completed or was handed to the writer (for heartbeats)."""
     _writing: bool = False
     _write_started: float = 0.0
     _released: bool = False
@@ -175,8 +185,11 @@ class Connection:
         if self.state != "new":
             raise RuntimeError("a Connection runs once")
         self.state = "open"
+        self._last_write = trio.current_time()  # the transport just wrote its preamble
         log = self.log
         try:
+            if self.pending_resume is not None:
+                await self._resolve_when_ready(self.pending_resume[0])
             # Nothing is owed yet: waiting for events is not idleness (see `_progress`).
             self._idle.deadline = math.inf
             with self._idle:
@@ -206,6 +219,17 @@ class Connection:
         finally:
             self.close()
 
+    async def _resolve_when_ready(self, last_event_id: str | None) -> None:
+        await self.log.wait_ready()
+        self.pending_resume = None
+        resume = self.log.resolve_pending(last_event_id)
+        self.position, self.gap = resume.position, resume.gap
+        record = self.record
+        record.sent = max(record.sent, resume.position)
+        record.acked = max(record.acked, resume.position)
+        if self.window is not None:
+            self.window.sent = self.window.acked = resume.position
+
     async def _produce(self, batches: trio.MemorySendChannel[_Item]) -> None:
         log, limit, cursor = self.log, self.hub.config.max_batch, self.position
         try:
@@ -223,8 +247,12 @@ class Connection:
                         elif got:
                             await batches.send(got)
                             cursor = got[-1].seq
+                            self._last_write = trio.current_time()  # on its way: not idle
+                        elif self._heartbeat_due():
+                            await batches.send(HEARTBEAT)
+                            self._last_write = trio.current_time()
                         else:
-                            await log.wait_after(cursor)
+                            await log.wait_after(cursor)  # woken by events or the hub's beat
         finally:
             # The writer may sit in a send the transport shields from cancellation
             # (hypercorn does): the idle timeout frees the stream's place at once anyway.
@@ -243,6 +271,9 @@ class Connection:
         async with batches, granted:  # closing `granted` ends the writer, after its write
             with self._feeders[1]:
                 async for item in batches:
+                    if isinstance(item, _Heartbeat):
+                        await granted.send(item)
+                        continue
                     if isinstance(item, Gap):
                         if window is not None:  # a reset starts the window afresh
                             window.sent = window.acked = item.position
@@ -250,6 +281,10 @@ class Connection:
                         continue
                     while item:
                         n = await self._grant(len(item))
+                        if not n:  # a heartbeat is due while waiting for credits or tokens
+                            await granted.send(HEARTBEAT)
+                            self._last_write = trio.current_time()
+                            continue
                         part, item = (item, []) if n == len(item) else (item[:n], item[n:])
                         if window is not None:
                             window.on_sent(part[-1].seq)
@@ -257,11 +292,21 @@ class Connection:
                         del part  # hold no events while waiting: the log holds them
 
     async def _grant(self, want: int) -> int:
-        """Wait until at least one event may go; returns how many (at most *want*)."""
+        """Wait until at least one event may go; returns how many (at most *want*).
+
+        Returns 0 instead when a heartbeat falls due while waiting.
+        """
         window = self.window
         if window is not None:
-            while not window.credits:
-                await self._acked.wait()
+            if not window.credits:
+                self.hub.awaiting_acks.add(self)
+                try:
+                    while not window.credits:
+                        if self._heartbeat_due():
+                            return 0
+                        await self._acked.wait()  # woken by acks or the hub's beat
+                finally:
+                    self.hub.awaiting_acks.discard(self)
             want = min(want, window.credits)
         client, hub = self.client, self.hub
         bucket, overall = client.bucket, hub.global_bucket
@@ -283,7 +328,11 @@ class Connection:
                 return n
         async with client.lock:
             if bucket is not None:
-                await trio.sleep_until(bucket.ready_at(trio.current_time()))
+                ready = bucket.ready_at(trio.current_time())
+                if ready > self._heartbeat_at():
+                    await trio.sleep_until(self._heartbeat_at())
+                    return 0
+                await trio.sleep_until(ready)
                 want = min(want, bucket.available(trio.current_time()))
             if overall is not None:
                 async with hub.global_lock:
@@ -297,21 +346,19 @@ class Connection:
 
     async def _write(self, granted: trio.MemoryReceiveChannel[_Item], sink: Sink) -> None:
         hub = self.hub
-        heartbeat, stall = hub.config.heartbeat_interval, hub.config.write_stall_threshold
+        stall = hub.config.write_stall_threshold
         latency, lag_histogram = hub.write_latency, hub.client_lag
         async with granted:
             while True:
-                item: _Item | None = None
-                with trio.move_on_after(heartbeat):
-                    try:
-                        item = await granted.receive()
-                    except trio.EndOfChannel:
-                        return
+                try:
+                    item = await granted.receive()
+                except trio.EndOfChannel:
+                    return
                 started = trio.current_time()
                 if self._idle.deadline == math.inf:  # a write has idle_timeout to complete
                     self._idle.deadline = started + hub.config.idle_timeout
                 self._writing, self._write_started = True, started
-                if item is None:
+                if isinstance(item, _Heartbeat):
                     await sink.send_heartbeat()
                 elif isinstance(item, Gap):
                     await sink.send_reset(item)
@@ -326,7 +373,8 @@ class Connection:
                 counted = not self._writing  # close() counted it already
                 self._writing = False
                 now = trio.current_time()
-                if item and not isinstance(item, Gap):
+                self._last_write = now
+                if isinstance(item, list):
                     for entry in item:
                         latency.observe(now - entry.published_at)
                     if hub.tracing is not None:
@@ -360,9 +408,19 @@ class Connection:
         window = self.window
         if window is not None:
             window.on_ack(min(position, window.sent))
-            self._acked.set()
-            self._acked = trio.Event()
+            self.poke()
         self._progress(trio.current_time(), ack=True)
+
+    def _heartbeat_at(self) -> float:
+        return self._last_write + self.hub.config.heartbeat_interval
+
+    def _heartbeat_due(self) -> bool:
+        return trio.current_time() >= self._heartbeat_at()
+
+    def poke(self) -> None:
+        """Wake the stream if it waits for an ack (the hub's heartbeat clock)."""
+        self._acked.set()
+        self._acked = trio.Event()
 
     def lag_threshold(self) -> int:
         """The head position at which this stream is too far behind (`LagWatcher`)."""

@@ -6,7 +6,7 @@ import logging
 import math
 import secrets
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 import attrs
 import trio
@@ -21,7 +21,7 @@ from ._core._errors import (
 )
 from ._core._limits import TokenBucket
 from ._core._names import check_client_id, check_event_name, check_topic
-from ._core._ring import Entry, Gap
+from ._core._ring import Entry, Gap, Resume
 from ._core._stats import LAG_BUCKETS, LATENCY_BUCKETS, RATIO_BUCKETS, Histogram
 from ._log import LogStatistics, MemoryLog
 
@@ -32,7 +32,15 @@ if TYPE_CHECKING:
     from ._core._events import Event
     from ._tracing import Tracing
 
-__all__ = ["ClientStatistics", "Hub", "HubConfig", "HubStatistics", "PollResult", "open_hub"]
+__all__ = [
+    "Backend",
+    "ClientStatistics",
+    "Hub",
+    "HubConfig",
+    "HubStatistics",
+    "PollResult",
+    "open_hub",
+]
 
 logger: Final = logging.getLogger("trio_stream")
 
@@ -61,6 +69,28 @@ def _ack_window(instance: object, attribute: attrs.Attribute[int], value: int) -
         raise ValueError(f"{attribute.name} must be an integer from 1 to 10000, got {value!r}")
 
 
+class Backend(Protocol):
+    """Where topic logs live when not in this process's memory alone (e.g. Redis).
+
+    A hub with a backend asks it for each topic's log; `Hub.run_housekeeping` runs it.
+    """
+
+    errors: int
+    """Operations on the backend that failed (connection lost, timeouts, ...)."""
+
+    def open_log(self, topic: str, config: HubConfig) -> MemoryLog:
+        """A new log for *topic*, bounded as *config* says."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect and keep the logs up to date until cancelled."""
+        ...
+
+    def problem(self) -> str | None:
+        """What is wrong with the backend now (``None`` when it works)."""
+        ...
+
+
 @attrs.frozen(kw_only=True)
 class HubConfig:
     """Every limit of a hub; the defaults are those of ``trio-stream serve``.
@@ -87,6 +117,8 @@ class HubConfig:
         poll_interval: Seconds a paused client is told to wait before polling.
         write_stall_threshold: A write that takes longer than this waited for the peer.
         on_saturation: Called with ``(topic, saturation)`` when a log passes 80 %.
+        backend: Where topic logs live (``None``: in memory, this process only); see
+            ``trio_stream.backends.redis.RedisBackend``.
         tracer: An OpenTelemetry ``Tracer``: spans per publish and per delivery (to the
             write and to the ack). ``None`` (the default) costs nothing.
     """
@@ -115,6 +147,7 @@ class HubConfig:
     write_stall_threshold: float = attrs.field(default=0.1, validator=_positive)
     on_saturation: Callable[[str, float], object] | None = None
     tracer: Any = None
+    backend: Backend | None = None
 
 
 @attrs.define(eq=False)
@@ -207,6 +240,8 @@ class Hub:
     global_bucket: TokenBucket | None = attrs.field(init=False)
     global_lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock, init=False)
     connections: int = attrs.field(default=0, init=False)
+    awaiting_acks: set[Connection] = attrs.field(factory=set, init=False)
+    """Streams waiting for an ack (woken by `beat` to send heartbeats meanwhile)."""
     published: int = attrs.field(default=0, init=False)
     sent: int = attrs.field(default=0, init=False)
     dropped: int = attrs.field(default=0, init=False)
@@ -256,9 +291,12 @@ class Hub:
                 if len(self._topics) >= self.config.max_topics:
                     raise TopicLimitError("too many topics")
             cfg = self.config
-            log = MemoryLog(
-                name, capacity=cfg.log_capacity, max_bytes=cfg.log_max_bytes, ttl=cfg.log_ttl
-            )
+            if cfg.backend is not None:
+                log = cfg.backend.open_log(name, cfg)
+            else:
+                log = MemoryLog(
+                    name, capacity=cfg.log_capacity, max_bytes=cfg.log_max_bytes, ttl=cfg.log_ttl
+                )
             topic = self._topics[name] = _Topic(name, log)
         return topic
 
@@ -270,8 +308,9 @@ class Hub:
         for name, topic in list(self._topics.items()):
             if not topic.streams:
                 topic.log.expire()
-                if not len(topic.log):
+                if not len(topic.log) and topic.log.ready:
                     del self._topics[name]
+                    topic.log.close()
 
     def _accepted(self, topic: _Topic, entries: list[Entry]) -> list[str]:
         self.published += len(entries)
@@ -297,6 +336,39 @@ class Hub:
             raise
         return self._accepted(t, entries)
 
+    async def submit(self, topic: str, events: Iterable[Event]) -> list[str]:
+        """Publish *events* to *topic* now, all or none, or refuse; returns their ids.
+
+        `publish_nowait` for every backend: with a remote one (Redis) the log's
+        capacity is checked and the events appended in one atomic step there.
+
+        Raises:
+            trio.WouldBlock: The topic's log is full of unexpired events (fail closed).
+            LocalProtocolError: A bad topic or event name, or a batch too big to fit.
+            TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
+            BackendUnavailableError: The backend cannot be reached; nothing was published.
+
+        Cancellation: with a remote backend, a cancelled call may or may not have
+        published the events.
+        """
+        if self.config.backend is None:
+            return self.publish_nowait(topic, events)
+        events = _checked(events)
+        t = self._topic(topic)
+        if not t.log.remote:
+            return self.publish_nowait(topic, events)
+        t.streams += 1  # keep the topic while we wait
+        try:
+            ids = await t.log.submit(events)
+        except trio.WouldBlock:
+            self.publish_rejected += len(events)
+            raise
+        finally:
+            t.streams -= 1
+        self.published += len(ids)
+        self._check_saturation(t)
+        return ids
+
     async def publish(self, topic: str, events: Iterable[Event]) -> list[str]:
         """Publish *events* to *topic*, waiting while its log is full; returns their ids.
 
@@ -309,6 +381,12 @@ class Hub:
         """
         events = _checked(events)
         t = self._topic(topic)
+        if t.log.remote:
+            while True:
+                try:
+                    return await self.submit(topic, events)
+                except trio.WouldBlock:
+                    await trio.sleep(max(0.01, t.log.retry_after()))
         t.streams += 1  # keep the topic while we wait
         try:
             entries = await t.log.append(events)
@@ -433,7 +511,10 @@ class Hub:
                 retry_after=self._retry_after(),
             )
         t = self._topic(topic)
-        resume = t.log.resolve(last_event_id)
+        if t.log.ready:
+            resume, pending = t.log.resolve(last_event_id), None
+        else:  # a remote log still loading: `Connection.run` resolves once it is ready
+            resume, pending = Resume(position=t.log.head), (last_event_id,)
         record = client.record(topic, t.log, resume.position)
         connection = Connection(
             hub=self,
@@ -443,6 +524,7 @@ class Hub:
             position=resume.position,
             gap=resume.gap,
             window=ack,
+            pending_resume=pending,
         )
         client.streams += 1
         t.streams += 1
@@ -559,6 +641,10 @@ class Hub:
                         "rate limit: poll later", retry_after=bucket.ready_at(now) - now
                     )
         log = t.log
+        if not log.ready:
+            raise LimitExceededError(
+                f"topic {topic!r} is loading: poll again", retry_after=self._retry_after()
+            )
         if after is None:
             log.expire()
             position, gap = log.first - 1, None
@@ -600,11 +686,52 @@ class Hub:
         cutoff = trio.current_time() - self.config.client_ttl
         self._evict_clients(lambda c: c.last_seen <= cutoff, all_of_them=True)
 
-    async def run_housekeeping(self) -> None:
-        """Call `housekeep` once a second, forever."""
+    async def run_housekeeping(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call `housekeep` once a second, forever; run the backend, if any, meanwhile."""
+        backend = self.config.backend
+        if backend is None:
+            task_status.started()
+            await self._tick()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            task_status.started()
+            await self._tick()
+
+    async def _tick(self) -> NoReturn:
+        """Housekeeping once a second; the shared heartbeat clock more often.
+
+        Streams keep no timer of their own for heartbeats (a timer per stream costs a
+        cancel scope and a deadline per write): every ``heartbeat_interval / 4`` this
+        wakes the streams that wait, and those idle for ``heartbeat_interval`` send one.
+        """
+        tick = min(HOUSEKEEPING_INTERVAL, self.config.heartbeat_interval / 4)
+        next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
         while True:
-            await trio.sleep(HOUSEKEEPING_INTERVAL)
-            self.housekeep()
+            await trio.sleep(tick)
+            self.beat()
+            if trio.current_time() >= next_housekeeping:
+                next_housekeeping += HOUSEKEEPING_INTERVAL
+                self.housekeep()
+
+    def beat(self) -> None:
+        """Wake every waiting stream so that idle ones send their heartbeat."""
+        for topic in self._topics.values():
+            topic.log.poke()
+        for connection in list(self.awaiting_acks):
+            connection.poke()
+
+    def health(self) -> str | None:
+        """What keeps the hub from working fully now (``None`` when all is well)."""
+        backend = self.config.backend
+        return None if backend is None else backend.problem()
+
+    @property
+    def backend_errors(self) -> int:
+        """Operations on the backend that failed (0 without a backend)."""
+        backend = self.config.backend
+        return 0 if backend is None else backend.errors
 
     def statistics(self) -> HubStatistics:
         """A snapshot of the hub's counters."""

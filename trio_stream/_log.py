@@ -5,23 +5,34 @@ from __future__ import annotations
 import heapq
 import itertools
 import secrets
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import attrs
 import trio
 
-from ._core._errors import BatchTooLargeError, LocalProtocolError
+from ._core._errors import BatchTooLargeError, LocalProtocolError, TrioStreamError
 from ._core._events import Event, encode
 from ._core._ring import Entry, Gap, Resume, Ring
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-__all__ = ["LagWatcher", "LogStatistics", "MemoryLog"]
+__all__ = ["BackendUnavailableError", "LagWatcher", "LogStatistics", "MemoryLog"]
 
 DEFAULT_CAPACITY: Final = 10_000
 DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_TTL: Final = 30.0
+
+
+class BackendUnavailableError(TrioStreamError):
+    """The backend that holds a topic's log (Redis) cannot be reached now.
+
+    Nothing was published; try again after *retry_after* seconds.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LagWatcher(Protocol):
@@ -103,13 +114,32 @@ class MemoryLog:
     _dead: int = attrs.field(default=0, init=False)
     published: int = attrs.field(default=0, init=False)
     rejected: int = attrs.field(default=0, init=False)
+    remote: ClassVar[bool] = False
+    """Whether appending goes through the network (`submit`), not `append_nowait`."""
 
     def __attrs_post_init__(self) -> None:
         if self.capacity < 1 or self.max_bytes < 1 or not self.ttl > 0:
             raise ValueError("capacity, max_bytes and ttl must be positive")
-        self._ring = Ring(
+        self._ring = self._make_ring()
+
+    def _make_ring(self) -> Ring:
+        return Ring(
             epoch=self.epoch, capacity=self.capacity, max_bytes=self.max_bytes, ttl=self.ttl
         )
+
+    @property
+    def ready(self) -> bool:
+        """Whether the log can answer `resolve` (a mirror of a remote log loads first)."""
+        return True
+
+    async def wait_ready(self) -> None:
+        """Wait until `ready`.
+
+        Cancellation: safe.
+        """
+
+    def close(self) -> None:
+        """Stop whatever keeps the log up to date (nothing, for a memory log)."""
 
     # -- reading ---------------------------------------------------------------------
 
@@ -153,21 +183,34 @@ class MemoryLog:
         self.expire()
         return self._ring.resolve(last_event_id)
 
+    def resolve_pending(self, last_event_id: str | None) -> Resume:
+        """`resolve` for a reader that asked before the log was `ready`.
+
+        ``None`` then means after the head as it was when the log started loading.
+        """
+        return self.resolve(last_event_id)
+
     def read_after(self, position: int, limit: int) -> list[Entry] | Gap:
         """Up to *limit* entries after *position*; a `Gap` if some expired meanwhile."""
         return self._ring.read_after(position, limit)
 
     async def wait_after(self, position: int) -> None:
-        """Wait until an event after *position* exists.
+        """Wait until an event after *position* exists, or until `poke` is called.
 
         Cancellation: safe; nothing changes.
         """
-        while self._ring.head <= position:
+        if self._ring.head <= position:
             self._waiters += 1
             try:
                 await self._grown.wait()
             finally:
                 self._waiters -= 1
+
+    def poke(self) -> None:
+        """Wake every task in `wait_after` (they look again and may wait again)."""
+        if self._waiters:
+            self._grown.set()
+            self._grown = trio.Event()
 
     # -- writing ---------------------------------------------------------------------
 
@@ -193,10 +236,14 @@ class MemoryLog:
         entries = ring.append(bodies, now)
         self.published += len(entries)
         if entries:
-            self._grown.set()
-            self._grown = trio.Event()
-            self._check_watchers()
+            self._grew()
         return entries
+
+    def _grew(self) -> None:
+        """Wake the readers waiting for new events; tell the lag watchers."""
+        self._grown.set()
+        self._grown = trio.Event()
+        self._check_watchers()
 
     def append_nowait(self, events: Iterable[Event]) -> list[Entry]:
         """Append *events* at once, all or none; returns their entries (with ids).
@@ -231,6 +278,19 @@ class MemoryLog:
             await trio.sleep_until(free_at)
         await trio.lowlevel.checkpoint()
         return entries
+
+    async def submit(self, events: Iterable[Event]) -> list[str]:
+        """Append *events* now, all or none, or refuse; returns their ids.
+
+        The form of `append_nowait` that works for remote logs too (`remote`).
+
+        Raises:
+            trio.WouldBlock: The log is full of unexpired events (fail closed).
+            BatchTooLargeError: The events could never fit, even in an empty log.
+            LocalProtocolError: An event's data is not valid Unicode.
+            BackendUnavailableError: A remote log's backend cannot be reached.
+        """
+        return [entry.id for entry in self.append_nowait(events)]
 
     def retry_after(self) -> float:
         """Seconds until a full log frees room (0 when it has room)."""

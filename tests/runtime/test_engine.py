@@ -264,6 +264,7 @@ async def test_stream_heartbeat_after_idleness(autojump_clock: object) -> None:
     hub = Hub(config(heartbeat_interval=2.0))
     sink = RecordingSink()
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_housekeeping)  # the shared heartbeat clock
         start = trio.current_time()
         await run_stream(nursery, hub.connect("t", client_id="c"), sink)
         await trio.sleep(3)
