@@ -13,15 +13,19 @@ _NAME: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise LocalProtocolError(f"invalid {kind} {value!r}: use 1-128 of [A-Za-z0-9._:-]")
+    return value
+
+
 def check_topic(topic: str) -> str:
     """Return *topic* if it is 1-128 characters of ``[A-Za-z0-9._:-]``.
 
     Raises:
         LocalProtocolError: It is not.
     """
-    if not isinstance(topic, str) or not _NAME.fullmatch(topic):
-        raise LocalProtocolError(f"invalid topic {topic!r}: use 1-128 of [A-Za-z0-9._:-]")
-    return topic
+    return _check_name("topic", topic)
 
 
 def check_client_id(client_id: str) -> str:
@@ -30,9 +34,7 @@ def check_client_id(client_id: str) -> str:
     Raises:
         LocalProtocolError: It is not.
     """
-    if not isinstance(client_id, str) or not _NAME.fullmatch(client_id):
-        raise LocalProtocolError(f"invalid client id {client_id!r}: use 1-128 of [A-Za-z0-9._:-]")
-    return client_id
+    return _check_name("client id", client_id)
 
 
 def check_event_name(name: str) -> str:
