@@ -973,6 +973,10 @@ class EventStream:
             self._state = "connecting"
             self._poll_url = None
             self._next_attempt_at = now
+        elif events:
+            # Behind, and catching up: poll again as soon as these are consumed (the
+            # server's rate limit answers 429 with Retry-After if that is too soon).
+            self._next_attempt_at = now
         else:
             self._next_attempt_at = now + self._poll_delay
 
