@@ -12,7 +12,7 @@ PORT ?= 8000
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,redis,auth,tracing,bench]'
+	$(PY) -m pip install --quiet -e '.[test,redis,auth,tracing,bench,loadgen]'
 	touch $@
 
 system-deps:

@@ -8,6 +8,7 @@ runs on Trio. Every error a request can cause is answered with a 4xx and a JSON 
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -16,11 +17,19 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import attrs
 import trio
 
+from ._auth import (
+    AuthRequest,
+    ForbiddenError,
+    Grant,
+    UnauthorizedError,
+    parse_cookies,
+    seconds_left,
+)
 from ._core._errors import (
     BatchTooLargeError,
     ClientPausedError,
@@ -33,12 +42,13 @@ from ._core._errors import (
 from ._core._events import Event, encode, encode_retry
 from ._core._names import check_client_id, check_topic
 from ._hub import Hub, HubConfig
-from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ._metrics import exposition
+from ._log import BackendUnavailableError
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, exposition
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
+    from ._auth import Action, Authorizer
     from ._connection import Connection
     from ._core._ring import Entry, Gap
 
@@ -56,9 +66,13 @@ MAX_ACK_BODY: Final = 64 * 1024
 DEFAULT_POLL_LIMIT: Final = 100
 MAX_POLL_LIMIT: Final = 1000
 HEARTBEAT: Final = b":\n\n"
+REAUTH: Final = encode(Event(event="reauth", data='{"reason": "expired"}'))
+"""What ends a stream whose grant expired: ``event: reauth``, no ``id:``."""
 DRAIN_WRITE_TIMEOUT: Final = 1.0
+BACKEND_LOAD_TIMEOUT: Final = 5.0
 CORS_EXPOSED: Final = b"X-Client-ID, Retry-After, X-Stream-Pause"
 CORS_ALLOWED_HEADERS: Final = b"Content-Type, Authorization, X-Client-ID, Last-Event-ID"
+BEARER_CHALLENGE: Final = (b"www-authenticate", b'Bearer realm="trio-stream"')
 
 
 @attrs.frozen(kw_only=True)
@@ -72,6 +86,9 @@ class AppConfig:
             for any).
         drain_grace_period: Seconds streams get to end cleanly when the server stops.
         demo: Serve the demo page at ``/`` and its settings at ``/demo/config``.
+        authorizer: When set, every stream, poll and ack (WebSocket streams included)
+            must be allowed by it, and publishing may be (see `Authorizer`):
+            ``JWTAuthorizer(secret)`` is what ``--auth-secret`` sets.
     """
 
     hub: HubConfig = attrs.field(factory=HubConfig)
@@ -79,6 +96,7 @@ class AppConfig:
     cors_origins: tuple[str, ...] = ()
     drain_grace_period: float = 5.0
     demo: bool = False
+    authorizer: Authorizer | None = None
 
 
 class _HTTPError(Exception):
@@ -359,9 +377,7 @@ class App:
             parts = [unquote(part) for part in bytes(raw_path).decode("latin-1").split("/")]
         plain: Callable[[], Awaitable[None]] | None = None
         if path == "/healthz":
-            plain = partial(
-                self._respond, request, 200, b"ok", content_type=b"text/plain; charset=utf-8"
-            )
+            plain = partial(self._healthz, request)
         elif path == "/metrics":
             plain = partial(self._metrics, request)
         elif path == "/static/trio-stream.js":
@@ -386,23 +402,34 @@ class App:
             raise _HTTPError(404, f"no such path: {path[:200]}")
         return {"GET": plain, "HEAD": plain}  # `_respond` leaves the body out for HEAD
 
+    async def _healthz(self, request: _Request) -> None:
+        """``200 ok``; ``503 degraded: <problem>`` while the backend (Redis) is unavailable."""
+        problem = self.hub.health()
+        status, body = (200, b"ok") if problem is None else (503, f"degraded: {problem}".encode())
+        await self._respond(request, status, body, content_type=b"text/plain; charset=utf-8")
+
     async def _metrics(self, request: _Request) -> None:
         body = exposition(self.hub)
         await self._respond(request, 200, body, content_type=METRICS_CONTENT_TYPE.encode())
 
     async def _demo_config(self, request: _Request) -> None:
         cfg = self.config.hub
-        await self._json(
-            request,
-            200,
-            {
-                "rate": cfg.rate,
-                "burst": cfg.burst,
-                "lag_limit": cfg.lag_limit,
-                "window": cfg.window,
-                "topic": "demo",
-            },
-        )
+        settings: dict[str, object] = {
+            "rate": cfg.rate,
+            "burst": cfg.burst,
+            "lag_limit": cfg.lag_limit,
+            "window": cfg.window,
+            "topic": "demo",
+        }
+        # With an authorizer, the page must stream as its token's subject: tell it which
+        # (its cookie may be out of reach of scripts). No token, no `client_id`.
+        try:
+            grant = await self._authorize(request, "stream", ("demo",))
+        except _HTTPError:
+            grant = None
+        if grant is not None and grant.client_id is not None:
+            settings["client_id"] = grant.client_id
+        await self._json(request, 200, settings)
 
     @staticmethod
     def _topic(name: str) -> str:
@@ -515,7 +542,114 @@ class App:
             raise _HTTPError(400, f"ack must be an integer from 1 to 10000, got {raw[:50]!r}")
         return value
 
-    def _connect(self, request: _Request, topic: str) -> Connection:
+    # -- authorization -------------------------------------------------------------------
+
+    async def _authorize(
+        self, request: _Request, action: Action, topics: tuple[str, ...]
+    ) -> Grant | None:
+        """The grant of *request* from the configured authorizer (``None``: none is set).
+
+        The grant must allow *action* on every one of *topics*, and must not have
+        expired. An authorizer that fails with anything else than `UnauthorizedError`
+        or `ForbiddenError` is logged, and the request answered ``401`` (fail closed,
+        never ``500``).
+
+        Raises:
+            _HTTPError: ``401`` with ``WWW-Authenticate: Bearer``, or ``403``.
+        """
+        authorizer = self.config.authorizer
+        if authorizer is None:
+            return None
+        client = request.scope.get("client")
+        asked = AuthRequest(
+            action=action,
+            topics=topics,
+            headers={
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in request.headers.items()
+            },
+            cookies=self._cookies(request),
+            client_address=(str(client[0]), int(client[1])) if client else None,
+        )
+        try:
+            result = authorizer(asked)
+            grant = await result if inspect.isawaitable(result) else result
+        except UnauthorizedError as error:
+            raise _HTTPError(
+                401, str(error) or "unauthorized", headers=[BEARER_CHALLENGE]
+            ) from None
+        except ForbiddenError as error:
+            raise _HTTPError(403, str(error) or "forbidden") from None
+        except Exception:
+            logger.exception("the authorizer failed on %s", request.scope.get("path"))
+            grant = None
+        if not isinstance(grant, Grant):
+            if grant is not None:
+                logger.error("the authorizer returned %r, not a Grant", type(grant).__name__)
+            raise _HTTPError(401, "the request could not be authorized", headers=[BEARER_CHALLENGE])
+        left = seconds_left(grant)
+        if left is not None and left <= 0:
+            raise _HTTPError(401, "the grant has expired", headers=[BEARER_CHALLENGE])
+        allowed = grant.may_publish if action == "publish" else grant.may_read
+        for topic in topics:
+            if not allowed(topic):
+                verb = "publish to" if action == "publish" else "read"
+                raise _HTTPError(403, f"this token may not {verb} topic {topic!r}")
+        return grant
+
+    def _cookies(self, request: _Request) -> dict[str, str]:
+        """The request's cookies, for the authorizer.
+
+        Every ``Cookie`` field counts (HTTP/2 clients split the header in crumbs). A
+        WebSocket handshake from a browser page of another origin than the server's, and
+        not listed in ``cors_origins``, gets none: browsers send cookies with cross-site
+        WebSocket handshakes, and no CORS check would stop that page from reading the
+        stream (cross-site WebSocket hijacking). A bearer header still works.
+        """
+        crumbs = [
+            bytes(value).decode("latin-1")
+            for name, value in request.scope.get("headers", ())
+            if bytes(name).lower() == b"cookie"
+        ]
+        if not crumbs:
+            return {}
+        if request.scope.get("type") == "websocket" and not self._same_or_listed_origin(request):
+            return {}
+        return parse_cookies("; ".join(crumbs))
+
+    def _same_or_listed_origin(self, request: _Request) -> bool:
+        origin = request.header(b"origin")
+        if origin is None or origin in self.config.cors_origins:
+            return True
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:
+            return False
+        host = request.header(b"host") or request.header(b":authority") or ""
+        return bool(netloc) and netloc.lower() == host.lower()
+
+    def _client_id(self, request: _Request, grant: Grant | None) -> str | None:
+        """The client id: the grant's identity, else the one the request names.
+
+        Raises:
+            _HTTPError: ``400`` for a malformed id, ``403`` for another than the grant's.
+        """
+        asked = request.client_id()
+        if grant is None or grant.client_id is None:
+            return asked
+        if asked is not None and asked != grant.client_id:
+            raise _HTTPError(403, f"this token is for client {grant.client_id!r}, not {asked!r}")
+        return grant.client_id
+
+    @staticmethod
+    def _expiry(grant: Grant | None) -> float:
+        """The trio deadline at which *grant* expires (``inf``: never)."""
+        left = None if grant is None else seconds_left(grant)
+        return math.inf if left is None else trio.current_time() + left
+
+    # -- the endpoints, continued ----------------------------------------------------------
+
+    def _connect(self, request: _Request, topic: str, grant: Grant | None = None) -> Connection:
         if self._draining:
             raise _HTTPError(503, "server is shutting down", headers=[_retry_after(1)])
         ack = self._ack_window(request)
@@ -524,7 +658,10 @@ class App:
             last_event_id = request.param("last_event_id")
         try:
             return self.hub.connect(
-                topic, client_id=request.client_id(), last_event_id=last_event_id, ack=ack
+                topic,
+                client_id=self._client_id(request, grant),
+                last_event_id=last_event_id,
+                ack=ack,
             )
         except ClientPausedError as paused:
             raise _HTTPError(
@@ -540,9 +677,28 @@ class App:
         except LocalProtocolError as error:
             raise _HTTPError(400, str(error)) from None
 
+    async def _loaded(self, connection: Connection) -> None:
+        """Wait until the topic's log can place the stream (a Redis log loads first).
+
+        Before the response starts: so a publish made once the stream is open is after
+        the point the stream starts from.
+
+        Raises:
+            _HTTPError: 503 when the log does not load in time (Redis unavailable).
+        """
+        if connection.log.ready:
+            return
+        with trio.move_on_after(BACKEND_LOAD_TIMEOUT):
+            await connection.log.wait_ready()
+        if not connection.log.ready:
+            raise _HTTPError(503, "redis unavailable: try again", headers=[_retry_after(1)])
+
     async def _stream(self, request: _Request, topic: str) -> None:
-        connection = self._connect(request, topic)
+        grant = await self._authorize(request, "stream", (topic,))
+        connection = self._connect(request, topic, grant)
+        expiry = trio.CancelScope(deadline=self._expiry(grant))
         with connection:
+            await self._loaded(connection)
             headers = [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
@@ -563,7 +719,8 @@ class App:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_watch_disconnect, request.receive, nursery.cancel_scope)
-                        await connection.run(sink)
+                        with expiry:
+                            await connection.run(sink)
                         nursery.cancel_scope.cancel()
                 finally:
                     self._streams.discard(drain)
@@ -574,15 +731,21 @@ class App:
                     cleanup.shield = True
                     await send({"type": "http.response.body", "body": retry, "more_body": True})
                     self.hub.signal("retry_field")
+            elif expiry.cancelled_caught:
+                with trio.move_on_after(DRAIN_WRITE_TIMEOUT) as cleanup:
+                    cleanup.shield = True
+                    await send({"type": "http.response.body", "body": REAUTH, "more_body": True})
         with trio.move_on_after(DRAIN_WRITE_TIMEOUT) as cleanup:
             cleanup.shield = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _publish(self, request: _Request, topic: str) -> None:
-        self._authorize_publish(request)
+        await self._authorize_publish(request, topic)
         events = _check_events(await request.json(MAX_PUBLISH_BODY))
         try:
-            ids = self.hub.publish_nowait(topic, events)
+            ids = await self.hub.submit(topic, events)
+        except BackendUnavailableError as error:
+            raise _HTTPError(503, str(error), headers=[_retry_after(error.retry_after)]) from None
         except trio.WouldBlock:
             retry_after = self.hub.publish_retry_after(topic)
             raise _HTTPError(
@@ -598,21 +761,31 @@ class App:
             raise _HTTPError(400, str(error)) from None
         await self._json(request, 202, {"ids": ids})
 
-    def _authorize_publish(self, request: _Request) -> None:
+    async def _authorize_publish(self, request: _Request, topic: str) -> None:
+        """Publishing is open unless ``publish_token`` is set (the contract).
+
+        With it, the request needs ``Authorization: Bearer <publish_token>``, or, with an
+        authorizer too, a grant that may publish to *topic* (for `JWTAuthorizer`: a token
+        in the ``Authorization`` header whose ``publish`` claim matches the topic).
+
+        Raises:
+            _HTTPError: ``401`` (``WWW-Authenticate: Bearer``) or ``403``.
+        """
         token = self.config.publish_token
         if token is None:
             return
         scheme, _, given = (request.header(b"authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
+        if scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode(), token.encode()
         ):
-            raise _HTTPError(
-                401,
-                "publishing needs a valid bearer token",
-                headers=[(b"www-authenticate", b'Bearer realm="trio-stream"')],
-            )
+            return
+        if self.config.authorizer is not None:
+            await self._authorize(request, "publish", (topic,))
+            return
+        raise _HTTPError(401, "publishing needs a valid bearer token", headers=[BEARER_CHALLENGE])
 
     async def _ack(self, request: _Request, topic: str) -> None:
+        grant = await self._authorize(request, "ack", (topic,))
         body = await request.json(MAX_ACK_BODY)
         if not isinstance(body, dict):
             raise _HTTPError(400, "the body must be a JSON object")
@@ -620,6 +793,10 @@ class App:
         utilization = body.get("buffer_utilization")
         if not isinstance(client_id, str):
             raise _HTTPError(400, "'client_id' must be a string")
+        if grant is not None and grant.client_id not in (None, client_id):
+            raise _HTTPError(
+                403, f"this token is for client {grant.client_id!r}, not {client_id[:200]!r}"
+            )
         if not isinstance(last_event_id, str):
             raise _HTTPError(400, "'last_event_id' must be a string")
         if utilization is not None and (
@@ -643,6 +820,7 @@ class App:
         await self._respond(request, 204, b"", headers=self._cors(request))
 
     async def _poll(self, request: _Request, topic: str) -> None:
+        grant = await self._authorize(request, "poll", (topic,))
         raw = request.param("limit")
         limit = DEFAULT_POLL_LIMIT
         if raw is not None:
@@ -650,7 +828,7 @@ class App:
             if value is None or value < 1:
                 raise _HTTPError(400, f"limit must be a positive integer, got {raw[:50]!r}")
             limit = min(value, MAX_POLL_LIMIT)
-        client_id = request.client_id() or secrets.token_urlsafe(12)
+        client_id = self._client_id(request, grant) or secrets.token_urlsafe(12)
         try:
             result = self.hub.poll(
                 topic, client_id=client_id, after=request.param("after"), limit=limit

@@ -23,7 +23,8 @@ from ._hub import HubConfig
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from ._hub import Hub
+    from ._auth import JWTAuthorizer
+    from ._hub import Backend, Hub
 
 __all__ = ["app_from_env", "build_app", "main", "serve_app"]
 
@@ -121,7 +122,15 @@ OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
         None,
         "comma-separated origins (or *) allowed to stream, poll and ack from other origins",
     ),
-    ("--backend", str, "memory", "'memory' (only this one so far)"),
+    ("--backend", str, "memory", "'memory', or 'redis://host:port/db' (needs the redis extra)"),
+    (
+        "--auth-secret",
+        str,
+        None,
+        "when set, streaming, polling and acking need a JWT signed with this secret "
+        "(HS256), as 'Authorization: Bearer JWT' or the trio_stream_token cookie "
+        "(needs the 'auth' extra: pip install 'trio-stream[auth]')",
+    ),
     (
         "--certfile",
         str,
@@ -193,6 +202,25 @@ def _options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+def _backend(url: str, max_topics: int) -> Backend | None:
+    """The backend ``--backend`` names (``None`` for ``memory``).
+
+    Raises:
+        SystemExit: Not a backend this version knows, or the redis extra is missing.
+    """
+    if url == "memory":
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise SystemExit(f"--backend {url!r}: expected 'memory' or 'redis://host:port/db'")
+    try:
+        from .backends.redis import RedisBackend
+    except ImportError as error:
+        raise SystemExit(
+            f"--backend {url!r} needs coredis ({error}): pip install 'trio-stream[redis]'"
+        ) from None
+    return RedisBackend(url, max_connections=max_topics + 64)
+
+
 def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
     """An `App` from option values named as the flags (``global_rate`` for ``--global-rate``).
 
@@ -200,9 +228,7 @@ def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
         SystemExit: An option value is not acceptable (with a message saying which).
     """
     get = options.get
-    backend = str(get("backend") or "memory")
-    if backend != "memory":
-        raise SystemExit(f"--backend {backend!r}: only 'memory' is available in this version")
+    backend = _backend(str(get("backend") or "memory"), int(get("max_topics", 10_000)))
     try:
         hub = HubConfig(
             rate=float(get("rate", 100.0)),
@@ -220,10 +246,12 @@ def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
             idle_timeout=float(get("idle_timeout", 60.0)),
             max_streams_per_client=int(get("max_streams_per_client", 4)),
             max_connections=int(get("max_connections", 10_000)),
+            backend=backend,
         )
     except (TypeError, ValueError) as error:
         raise SystemExit(f"bad option: {error}") from None
     origins = get("cors_origins")
+    authorizer = _authorizer(get("auth_secret"), publish_token=get("publish_token"))
     config = AppConfig(
         hub=hub,
         publish_token=get("publish_token"),
@@ -232,6 +260,7 @@ def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
         else (),
         drain_grace_period=float(get("drain_grace", 5.0)),
         demo=demo,
+        authorizer=authorizer,
     )
     app = App(config)
     if demo:
@@ -239,8 +268,82 @@ def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
     return app
 
 
+def _authorizer(secret: str | None, *, publish_token: str | None) -> JWTAuthorizer | None:
+    """``JWTAuthorizer(secret)``, or ``None`` without a secret.
+
+    Raises:
+        SystemExit: The secret is empty, or PyJWT (the ``auth`` extra) is missing.
+    """
+    if secret is None:
+        return None
+    if not secret:
+        raise SystemExit("--auth-secret: the secret must not be empty")
+    from ._auth import JWTAuthorizer
+
+    try:
+        authorizer = JWTAuthorizer(secret)
+    except ImportError:
+        raise SystemExit(
+            "--auth-secret needs PyJWT, which is not installed: "
+            "pip install 'trio-stream[auth]' (or pip install PyJWT)"
+        ) from None
+    if publish_token is None:
+        logging.getLogger("trio_stream").warning(
+            "--auth-secret without --publish-token: anyone may publish (the contract "
+            "leaves publishing to --publish-token; a token's 'publish' claim counts "
+            "once it is set)"
+        )
+    return authorizer
+
+
+def bound_http2_send_buffers() -> None:
+    """Make hypercorn's HTTP/2 writes wait while a stream's flow-control window is shut.
+
+    Hypercorn (0.17-0.18) queues an HTTP/2 stream's body in a buffer whose writer waits
+    above a high-water mark until the sending task drains it. But that task, finding the
+    peer's window for the stream shut, takes nothing out and still wakes the writer (the
+    empty take counts as "below low water"): the buffer grows without bound, the app's
+    writes complete at once, and a stream whose reader has stopped is never seen to fall
+    behind (it is neither paused nor timed out; the server's memory grows instead). Over
+    HTTP/1.1 the socket's backpressure does this job.
+
+    The fix wakes the writer only once what is *left* in the buffer is below low water,
+    so that a shut window holds it, as a full socket does. Idempotent; does nothing when
+    hypercorn's HTTP/2 support is not importable or its buffer is not the one expected.
+    `serve_app` and `app_from_env` call it.
+    """
+    try:
+        from hypercorn.protocol import h2 as hypercorn_h2
+    except ImportError:  # pragma: no cover - h2 is a dependency of hypercorn
+        return
+    module: Any = hypercorn_h2
+    base: Any = getattr(module, "StreamBuffer", None)
+    low_water: float | None = getattr(module, "BUFFER_LOW_WATER", None)
+    if base is None or low_water is None or getattr(base, "_trio_stream_bounded", False):
+        return
+    if not all(hasattr(base, name) for name in ("pop", "push", "drain")):  # pragma: no cover
+        return
+    mark: float = low_water
+
+    class _BoundedStreamBuffer(base):  # type: ignore[misc]
+        _trio_stream_bounded = True
+
+        async def pop(self, max_length: int) -> bytes:
+            length = min(len(self.buffer), max_length)
+            data = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            if len(self.buffer) < mark:
+                await self._paused.set()
+            if not self.buffer:
+                await self._is_empty.set()
+            return data
+
+    module.StreamBuffer = _BoundedStreamBuffer
+
+
 def app_from_env(environ: Mapping[str, str] | None = None) -> App:
     """The app configured from ``TRIO_STREAM_*`` environment variables (``server:app``)."""
+    bound_http2_send_buffers()
     return build_app(_options_from_env(os.environ if environ is None else environ))
 
 
@@ -294,6 +397,7 @@ async def serve_app(
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    bound_http2_send_buffers()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

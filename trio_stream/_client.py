@@ -73,6 +73,7 @@ DEFAULT_ACK_INTERVAL: Final = 0.1
 _RECEIVE_SIZE: Final = 65536
 _MAX_ERROR_BODY: Final = 64 * 1024
 _MAX_POLL_BODY: Final = 64 * 1024 * 1024
+_DEFAULT_POLL_LIMIT: Final = 100  # the contract's default `limit` of a poll
 _CONTROL_EVENTS: Final = frozenset({"reset", "pause", "reauth"})
 _RESERVED_HEADERS: Final = frozenset(
     {"host", "last-event-id", "x-client-id", "content-length", "transfer-encoding"}
@@ -500,6 +501,7 @@ class EventStream:
     _failures: int = 0
     _poll_url: str | None = None
     _poll_delay: float = 0.0
+    _poll_limit: int = 100
     _poll_requester: _Requester | None = None
     _broken: BaseException | None = None
     _receiving: bool = False
@@ -895,6 +897,8 @@ class EventStream:
         if self._ack is not None and not any(k == "limit" for k, _ in query):
             # In ack mode the window bounds the client's buffer: polls too.
             query.append(("limit", str(self._ack)))
+        given = next((v for k, v in query if k == "limit"), None)
+        self._poll_limit = int(given) if given and given.isdigit() else _DEFAULT_POLL_LIMIT
         requester = self._poll_requester
         if requester is None or requester.origin != origin:
             if requester is not None:
@@ -973,9 +977,9 @@ class EventStream:
             self._state = "connecting"
             self._poll_url = None
             self._next_attempt_at = now
-        elif events:
-            # Behind, and catching up: poll again as soon as these are consumed (the
-            # server's rate limit answers 429 with Retry-After if that is too soon).
+        elif len(items) >= self._poll_limit:
+            # A full page: more is waiting. Poll again as soon as these are consumed
+            # rather than after the pause's interval, or a small window never catches up.
             self._next_attempt_at = now
         else:
             self._next_attempt_at = now + self._poll_delay

@@ -14,16 +14,17 @@ import trio
 from ._core._errors import (
     ClientPausedError,
     LimitExceededError,
+    LocalProtocolError,
     NotSentError,
     RateLimitedError,
     TopicLimitError,
     UnknownClientError,
 )
-from ._core._limits import TokenBucket
+from ._core._limits import TokenBucket, _at_least_one, _non_negative, _positive
 from ._core._names import check_client_id, check_event_name, check_topic
 from ._core._ring import Entry, Gap, Resume
 from ._core._stats import LAG_BUCKETS, LATENCY_BUCKETS, RATIO_BUCKETS, Histogram
-from ._log import LogStatistics, MemoryLog
+from ._log import BackendUnavailableError, LogStatistics, MemoryLog
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -49,21 +50,6 @@ HOUSEKEEPING_INTERVAL: Final = 1.0
 MAX_TOPICS_PER_CLIENT: Final = 64
 
 
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
-
-
-def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be zero or positive, got {value!r}")
-
-
-def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an integer of at least 1, got {value!r}")
-
-
 def _ack_window(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not isinstance(value, int) or not 1 <= value <= 10_000:
         raise ValueError(f"{attribute.name} must be an integer from 1 to 10000, got {value!r}")
@@ -82,8 +68,17 @@ class Backend(Protocol):
         """A new log for *topic*, bounded as *config* says."""
         ...
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect and keep the logs up to date until cancelled."""
+    async def run(
+        self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect and keep the logs up to date until cancelled.
+
+        Pause states shared by other processes are applied with `Hub.apply_pause`.
+        """
+        ...
+
+    def share_pause(self, topic: str, client_id: str, after: str | None, *, paused: bool) -> None:
+        """Tell the other processes that a client was paused on *topic* or caught up."""
         ...
 
     def problem(self) -> str | None:
@@ -376,17 +371,21 @@ class Hub:
             LocalProtocolError: A bad topic or event name, or a batch too big to fit.
             TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
 
-        Cancellation: safe; if cancelled, nothing was published.
-        Backpressure: waits until the oldest events expire when the log is full.
+        Cancellation: safe; if cancelled, nothing was published. (With a remote
+        backend, a call cancelled while Redis runs the append may have published.)
+        Backpressure: waits until the oldest events expire when the log is full; with
+        a remote backend, also while it is unavailable.
         """
         events = _checked(events)
         t = self._topic(topic)
-        if t.log.remote:
+        if t.log.remote:  # waits while full, and while the backend is unavailable
             while True:
                 try:
                     return await self.submit(topic, events)
                 except trio.WouldBlock:
                     await trio.sleep(max(0.01, t.log.retry_after()))
+                except BackendUnavailableError as error:
+                    await trio.sleep(error.retry_after)
         t.streams += 1  # keep the topic while we wait
         try:
             entries = await t.log.append(events)
@@ -542,6 +541,21 @@ class Hub:
         """Mark *connection*'s client paused on its topic until it catches up by polling."""
         connection.client.paused[connection.topic.name] = after
         self.signal("pause")
+        if self.config.backend is not None:
+            self.config.backend.share_pause(
+                connection.topic.name, connection.client.id, after, paused=True
+            )
+
+    def apply_pause(self, topic: str, client_id: str, after: str | None, *, paused: bool) -> None:
+        """Pause (or unpause) a client on *topic* because another process did."""
+        if paused:
+            try:
+                client = self._client(client_id)
+            except (LimitExceededError, LocalProtocolError):
+                return
+            client.paused[topic] = after
+        elif (known := self._clients.get(client_id)) is not None:
+            known.paused.pop(topic, None)
 
     def note_stall(self, connection: Connection, seconds: float) -> None:
         """Count a write that waited for the peer; log now and then, not every time."""
@@ -666,8 +680,10 @@ class Hub:
         record = client.record(topic, log, position)
         record.sent = record.acked = max(record.sent, position)
         resume_stream = log.head - position <= self.config.lag_limit // 2
-        if resume_stream:
-            client.paused.pop(topic, None)
+        if resume_stream and topic in client.paused:
+            del client.paused[topic]
+            if self.config.backend is not None:
+                self.config.backend.share_pause(topic, client.id, None, paused=False)
         return PollResult(
             events=events,
             last_event_id=events[-1].id if events else after,
@@ -695,7 +711,7 @@ class Hub:
             task_status.started()
             await self._tick()
         async with trio.open_nursery() as nursery:
-            await nursery.start(backend.run)
+            await nursery.start(backend.run, self)
             task_status.started()
             await self._tick()
 

@@ -67,6 +67,11 @@ class HubCollector:
             "Published events refused because a topic log was full.",
             stats.publish_rejected,
         )
+        yield CounterMetricFamily(
+            "trio_stream_backend_errors",
+            "Operations on the backend (Redis) that failed.",
+            hub.backend_errors,
+        )
         signals = CounterMetricFamily(
             "trio_stream_retry_signals", "Retry signals sent to clients.", labels=["kind"]
         )

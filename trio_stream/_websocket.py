@@ -28,17 +28,25 @@ in-band acks. How the contract is read where it leaves a choice:
   409 or 404 (an id this client was not sent, e.g. one of a previous server's epoch)
   changes nothing and does not end the stream, as a refused ack does not end an event
   stream either. Unknown fields are ignored; a ``topic`` field must name this topic.
+- **Authorization** (an `AppConfig.authorizer`, e.g. ``--auth-secret``) is checked on
+  the handshake as on the event stream: a refusal is the same ``401``/``403`` answer.
+  The token comes from the ``Authorization`` header or the ``trio_stream_token``
+  cookie; the cookie counts only on a handshake from the server's own origin or one
+  listed in ``cors_origins`` (against cross-site WebSocket hijacking). When the grant
+  expires, the server sends ``{"type": "reauth", "reason": "expired"}`` and closes
+  with 1008.
 - **Close codes.** 1013 after a pause; 1001 when the server shuts down; 1000 when the
-  stream ended for lack of progress (``idle_timeout``); 1008 and 1003 as above; 1011
-  if the server fails.
+  stream ended for lack of progress (``idle_timeout``); 1008 and 1003 as above, and
+  after ``reauth``; 1011 if the server fails.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import TYPE_CHECKING, Final
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import trio
@@ -70,6 +78,7 @@ POLICY_VIOLATION: Final = 1008
 INTERNAL_ERROR: Final = 1011
 TRY_AGAIN_LATER: Final = 1013
 
+REAUTH_TEXT: Final = '{"type": "reauth", "reason": "expired"}'
 _DENIAL: Final = "websocket.http.response"
 _MAX_REASON: Final = 123  # bytes a close reason may have (RFC 6455, 5.5)
 
@@ -192,6 +201,8 @@ class _Session:
     receive: Receive
     send: Send
     sink: _WebSocketSink
+    expires: float = math.inf
+    """The trio deadline at which the client's grant expires."""
     close: tuple[int, str] | None = None
     """The closing frame to send, once decided (the first reason wins)."""
     gone: bool = False
@@ -209,8 +220,12 @@ class _Session:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_client, nursery.cancel_scope)
-                    await connection.run(self.sink)
-                    if connection.state == "paused":
+                    with trio.CancelScope(deadline=self.expires) as expiry:
+                        await connection.run(self.sink)
+                    if expiry.cancelled_caught:
+                        self._end(nursery.cancel_scope, POLICY_VIOLATION, "token expired")
+                        await self._reauth()
+                    elif connection.state == "paused":
                         self._end(nursery.cancel_scope, TRY_AGAIN_LATER, "paused: poll poll_url")
                     else:
                         self._end(nursery.cancel_scope, NORMAL, "no progress: idle timeout")
@@ -222,6 +237,11 @@ class _Session:
             self.close = (GOING_AWAY, "server shutting down")
         if self.close is not None and not self.gone:
             await _close(self.send, *self.close)
+
+    async def _reauth(self) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
+            cleanup.shield = True
+            await self.send({"type": "websocket.send", "text": REAUTH_TEXT})
 
     async def _read_client(self, scope: trio.CancelScope) -> None:
         """Take the client's messages until it leaves or sends one the stream can't take."""
@@ -317,12 +337,13 @@ async def serve_websocket(app: App, scope: Scope, receive: Receive, send: Send) 
         try:
             request = _Request(scope, receive, send)
             topic = _topic_of(app, scope)
-            connection = app._connect(request, topic)
+            grant = await app._authorize(request, "stream", (topic,))
+            connection = app._connect(request, topic, grant)
         except _HTTPError as error:
             url = error.extra.get("poll_url") if error.status == 429 else None
             if isinstance(url, str) and request is not None:
                 accepted = True
-                await _refuse_paused(app, send, request.client_id() or "", url)
+                await _refuse_paused(app, send, _paused_client(url), url)
             else:
                 await _refuse(app, scope, send, error)
             return
@@ -330,13 +351,19 @@ async def serve_websocket(app: App, scope: Scope, receive: Receive, send: Send) 
             accepted = True
             await _accept(send, connection.client_id)
             sink = _WebSocketSink(send, topic, connection.client_id)
-            await _Session(app, connection, topic, receive, send, sink).run()
+            session = _Session(app, connection, topic, receive, send, sink, app._expiry(grant))
+            await session.run()
     except Exception:
         logger.exception("unexpected error serving WebSocket %s", scope.get("path"))
         if accepted:
             await _close(send, INTERNAL_ERROR, "internal error")
         else:
             await _refuse(app, scope, send, _HTTPError(500, "internal error"))
+
+
+def _paused_client(url: str) -> str:
+    """The client id in a poll URL (the one the hub paused)."""
+    return parse_qs(urlsplit(url).query).get("client_id", [""])[0]
 
 
 async def _refuse_paused(app: App, send: Send, client_id: str, url: str) -> None:

@@ -7,8 +7,7 @@ import re
 from typing import Final
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from trio_stream._core._decoder import DEFAULT_MAX_LINE_LENGTH, Decoder
 from trio_stream._core._errors import LocalProtocolError, RemoteProtocolError

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from trio_stream import CreditWindow, SlidingWindow, TokenBucket
 from trio_stream._core._limits import lag

@@ -236,7 +236,6 @@ def test_help_lists_every_option_of_the_contract() -> None:
     assert "demo" in top.stdout
 
 
-@pytest.mark.xfail(reason="--auth-secret (JWT authorization) is issue 8's", strict=True)
 def test_help_lists_auth_secret() -> None:
     result = subprocess.run(
         [trio_stream_command(), "serve", "--help"],

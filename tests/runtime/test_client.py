@@ -21,8 +21,7 @@ import h11
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from trio_stream._client import (
     EventStream,
@@ -541,17 +540,17 @@ async def test_client_polls_when_paused_at_connect(autojump_clock: object) -> No
         await poller.respond(200, poll_answer(6, 7, resume=False))
 
         poll = await poller.request()  # the same connection, kept alive
-        assert trio.current_time() - paused == 2.0  # events came: catching up, poll again
+        assert trio.current_time() - paused == 4.0
         assert poll.target == "/streams/t/poll?after=e-7&client_id=c1"
         await poller.respond(429, {"error": "rate limit"}, [("retry-after", "3")])
 
         poll = await poller.request()
-        assert trio.current_time() - paused == 5.0
+        assert trio.current_time() - paused == 7.0
         assert poll.target == "/streams/t/poll?after=e-7&client_id=c1"
         await poller.respond(200, poll_answer(7, 8, resume=True))  # e-7 again: dropped
 
         peer, request = await s.server.stream(last_event_id="e-8")
-        assert trio.current_time() - paused == 5.0
+        assert trio.current_time() - paused == 7.0
         assert request.headers["x-client-id"] == "c1"
         await peer.sse(sse(9))
         await settle()
@@ -559,6 +558,30 @@ async def test_client_polls_when_paused_at_connect(autojump_clock: object) -> No
         stats = s.events.statistics()
         assert (stats.pauses, stats.polls, stats.duplicates) == (1, 2, 1)
         assert stats.state == "streaming"
+
+
+async def test_client_polls_again_at_once_after_a_full_page(autojump_clock: object) -> None:
+    """In ack mode a poll asks for a window's worth: a full page means more is waiting."""
+    async with session(ack=2, last_event_id="e-0") as s:
+        peer = await s.server.accept()
+        await peer.request()
+        await peer.respond(
+            429,
+            {"error": "paused", "poll_url": "/streams/t/poll?after=e-0&client_id=c1"},
+            [("retry-after", "2"), ("x-stream-pause", "true")],
+        )
+        paused = trio.current_time()
+        poller = await s.server.accept()
+        poll = await poller.request()
+        assert trio.current_time() - paused == 2.0
+        assert poll.target == "/streams/t/poll?after=e-0&client_id=c1&limit=2"
+        await poller.respond(200, poll_answer(1, 2, resume=False))  # full: 2 of 2
+        poll = await poller.request()
+        assert trio.current_time() - paused == 2.0  # at once, not 2 s later
+        await poller.respond(200, poll_answer(3, resume=False))  # not full: wait
+        poll = await poller.request()
+        assert trio.current_time() - paused == 4.0
+        assert poll.target == "/streams/t/poll?after=e-3&client_id=c1&limit=2"
 
 
 async def test_client_follows_a_pause_event_mid_stream(autojump_clock: object) -> None:
@@ -579,7 +602,7 @@ async def test_client_follows_a_pause_event_mid_stream(autojump_clock: object) -
         assert poll.target == "/streams/t/poll?after=e-2&client_id=c1"
         await poller.respond(200, poll_answer(3, 4, resume=False, reset=True))
         poll = await poller.request()
-        assert trio.current_time() - paused == 1.5  # events came: poll again at once
+        assert trio.current_time() - paused == 3.0
         assert poll.target == "/streams/t/poll?after=e-4&client_id=c1"
         await poller.respond(200, poll_answer(resume=True))
 

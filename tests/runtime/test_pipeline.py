@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from trio_stream._core._limits import SlidingWindow, TokenBucket
 from trio_stream._pipeline import (

@@ -1,0 +1,334 @@
+"""The Redis backend: several ``trio-stream serve`` processes on one real redis-server.
+
+Each test starts its own redis-server (``_redis.py``) on a free loopback port and the
+servers as real processes with ``--backend redis://...``. Without redis-server these
+tests skip, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+
+from trio_stream._core._events import Event, encode
+from trio_stream._core._ring import Entry, Resume
+from trio_stream._hub import HubConfig, open_hub
+from trio_stream.backends.redis import RedisBackend, RedisLog
+
+from ._processes import CliServer, cli_server
+from ._redis import RedisServer, redis_server
+from ._support import (
+    http_client,
+    metrics,
+    open_reader,
+    publish,
+    publish_many,
+    sample,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.e2e
+
+FAST = ["--rate", "10000", "--burst", "10000"]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server (no persistence)."""
+    with redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def two_servers(
+    redis: RedisServer,
+    tmp_path: Path,
+    options: list[str] = (),  # type: ignore[assignment]
+) -> Iterator[tuple[CliServer, CliServer]]:
+    """Two ``trio-stream serve`` processes on *redis*."""
+    argv = ["--backend", redis.url, *FAST, *options]
+    with (
+        cli_server("serve", argv, tmp_path / "a.err") as a,
+        cli_server("serve", argv, tmp_path / "b.err") as b,
+    ):
+        yield a, b
+
+
+async def test_redis_publish_on_one_stream_from_the_other(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            reader = await open_reader(nursery, to_b, "/streams/prices")
+            ids = await publish_many(to_a, "prices", [f"p{i}" for i in range(50)])
+            ids += await publish(to_a, "prices", {"event": "tick", "data": "x\ny"})
+            events = await reader.wait_events(51)
+            nursery.cancel_scope.cancel()
+    assert [e.id for e in events] == ids
+    assert [e.data for e in events] == [f"p{i}" for i in range(50)] + ["x\ny"]
+    assert events[-1].event == "tick"
+    assert len(set(ids)) == 51
+
+
+async def test_redis_last_event_id_resumes_exactly_on_the_other(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with http_client(a.url) as to_a, http_client(b.url) as to_b:
+            async with trio.open_nursery() as nursery:
+                first = await open_reader(nursery, to_a, "/streams/news")
+                ids = await publish_many(to_a, "news", [str(i) for i in range(10)])
+                seen = (await first.wait_events(4))[:4]
+                nursery.cancel_scope.cancel()
+            # A new topic for B, and an id B never issued: B loads what Redis retains.
+            async with trio.open_nursery() as nursery:
+                resumed = await open_reader(
+                    nursery, to_b, "/streams/news", headers={"Last-Event-ID": seen[-1].id or ""}
+                )
+                more = await publish_many(to_b, "news", ["10", "11"])
+                events = await resumed.wait_events(8)
+                nursery.cancel_scope.cancel()
+            poll = await to_b.get("/streams/news/poll", params={"after": ids[2]})
+    assert not any(block.event == "reset" for block in resumed.blocks)
+    assert [e.id for e in events] == ids[4:] + more
+    assert [e.data for e in events] == [str(i) for i in range(4, 12)]
+    assert poll.status_code == 200
+    assert [e["id"] for e in poll.json()["events"]] == ids[3:] + more
+
+
+async def test_redis_publish_fails_closed_exactly_under_concurrent_publishers(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Two processes, 4 publishers each, race for a log of 40: exactly 40 get a 202."""
+    capacity = 40
+    statuses: list[int] = []
+    retry_after: list[str] = []
+    with two_servers(redis, tmp_path, ["--log-capacity", str(capacity)]) as (a, b):
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=20) as to_a,
+            httpx.AsyncClient(base_url=b.url, timeout=20) as to_b,
+        ):
+
+            async def publisher(client: httpx.AsyncClient, name: str) -> None:
+                for i in range(25):
+                    response = await client.post("/streams/full", json={"data": f"{name}{i}"})
+                    statuses.append(response.status_code)
+                    if response.status_code == 429:
+                        retry_after.append(response.headers["retry-after"])
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for n in range(4):
+                        nursery.start_soon(publisher, to_a, f"a{n}-")
+                        nursery.start_soon(publisher, to_b, f"b{n}-")
+            poll = await to_b.get("/streams/full/poll", params={"limit": "1000"})
+    assert sorted(set(statuses)) == [202, 429]
+    assert statuses.count(202) == capacity
+    assert statuses.count(429) == 200 - capacity
+    assert all(int(value) >= 1 for value in retry_after)
+    assert len(poll.json()["events"]) == capacity
+
+
+async def test_redis_client_paused_on_one_is_paused_on_the_other(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Paused on A: B answers 429 too; catching up by polling B lets it stream on A."""
+    options = ["--rate", "100", "--burst", "50", "--lag-limit", "20"]
+    who = {"X-Client-ID": "slowpoke"}
+    with two_servers(redis, tmp_path, options) as (a, b), trio.fail_after(30):
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=20) as to_a,
+            httpx.AsyncClient(base_url=b.url, timeout=20) as to_b,
+        ):
+            async with trio.open_nursery() as nursery:
+                reader = await open_reader(nursery, to_a, "/streams/q", headers=who)
+                await publish_many(to_a, "q", [str(i) for i in range(200)])
+                await reader.wait_for(lambda r: any(x.event == "pause" for x in r.blocks))
+                nursery.cancel_scope.cancel()
+            pause = next(x for x in reader.blocks if x.event == "pause").json()
+            refused = await _wait_status(to_b, "/streams/q", who, 429)
+            polled = 0
+            url = pause["poll_url"]
+            while True:
+                response = await to_b.get(url)
+                if response.status_code == 429:
+                    await trio.sleep(0.1)
+                    continue
+                body = response.json()
+                polled += len(body["events"])
+                url = f"/streams/q/poll?after={body['last_event_id']}&client_id=slowpoke"
+                if body["resume_stream"]:
+                    break
+            resumed = await _wait_status(to_a, "/streams/q", who, 200)  # news takes a moment
+    assert refused.headers["x-stream-pause"] == "true"
+    assert refused.json()["error"] == "paused"
+    assert polled > 0
+    assert resumed.headers["content-type"].startswith("text/event-stream")
+
+
+async def _wait_status(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str], status: int
+) -> httpx.Response:
+    """GET *path* until it answers *status* (an event stream is left unread)."""
+    while True:
+        async with client.stream("GET", path, headers=headers) as response:
+            if response.status_code == status:
+                if status != 200:
+                    await response.aread()
+                return response
+        await trio.sleep(0.05)
+
+
+async def test_redis_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    """Redis goes away and comes back (with its data) while a stream is open.
+
+    Publishing answers 503 meanwhile, healthz says degraded, the stream keeps its
+    heartbeats, and once Redis is back the stream gets every accepted event once.
+    """
+    with (
+        redis_server(tmp_path / "redis", persistent=True) as redis,
+        two_servers(redis, tmp_path, ["--heartbeat", "0.3"]) as (a, b),
+    ):
+        async with (
+            http_client(b.url) as to_b,
+            httpx.AsyncClient(base_url=b.url, timeout=20) as plain_b,
+            httpx.AsyncClient(base_url=a.url, timeout=20) as to_a,
+        ):
+            with trio.fail_after(40):
+                async with trio.open_nursery() as nursery:
+                    reader = await open_reader(nursery, to_b, "/streams/ledger")
+                    accepted = await publish_many(to_a, "ledger", [str(i) for i in range(10)])
+                    await reader.wait_events(10)
+
+                    redis.stop()
+                    refused = await to_a.post("/streams/ledger", json={"data": "lost"})
+                    health = await _wait_health(plain_b, 503)
+                    beats = len(reader.blocks)
+                    await trio.sleep(1.0)
+                    beats = len(reader.blocks) - beats
+
+                    redis.start()
+                    for i in range(10, 20):
+                        accepted += await _publish_when_back(to_a, "ledger", str(i))
+                    events = await reader.wait_events(20)
+                    healthy = await _wait_health(plain_b, 200)
+                    samples = await metrics(to_b)
+                    nursery.cancel_scope.cancel()
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "redis unavailable" in refused.json()["error"]
+    assert health == "degraded: redis unavailable"
+    assert beats >= 2  # heartbeats went on while Redis was away
+    assert healthy == "ok"
+    assert [e.id for e in events] == accepted
+    assert [e.data for e in events] == [str(i) for i in range(20)]
+    assert sample(samples, "trio_stream_backend_errors_total") >= 1
+
+
+async def _wait_health(client: httpx.AsyncClient, status: int) -> str:
+    while True:
+        response = await client.get("/healthz")
+        if response.status_code == status:
+            return response.text
+        await trio.sleep(0.05)
+
+
+async def _publish_when_back(client: httpx.AsyncClient, topic: str, data: str) -> list[str]:
+    while True:
+        response = await client.post(f"/streams/{topic}", json={"data": data})
+        if response.status_code == 202:
+            ids: list[str] = response.json()["ids"]
+            return ids
+        assert response.status_code == 503, response.text
+        await trio.sleep(0.05)
+
+
+async def test_redis_log_limits_bytes_and_expires(redis: RedisServer) -> None:
+    """In-process: the byte limit fails closed, and the TTL frees room again."""
+    backend = RedisBackend(redis.url, prefix="test:")
+    config = HubConfig(log_capacity=100, log_max_bytes=420, log_ttl=0.5, backend=backend)
+    with trio.fail_after(10):
+        async with open_hub(config) as hub:
+            await wait_until(lambda: hub.health() is None)
+            ids = await hub.submit("bytes", [Event(data="x" * 100)] * 3)
+            with pytest.raises(trio.WouldBlock):
+                await hub.submit("bytes", [Event(data="y" * 100)])
+            assert hub.publish_retry_after("bytes") > 0
+            await trio.sleep(0.6)
+            later = await hub.submit("bytes", [Event(data="z" * 100)])
+            log = hub.log("bytes")
+            await wait_until(lambda: log.head >= 4)
+            stats = hub.statistics()
+    assert len(ids) == 3
+    assert len(later) == 1
+    assert [i.split("-")[1] for i in [*ids, *later]] == ["1", "2", "3", "4"]
+    assert log.statistics().depth == 1  # the first three expired
+    assert stats.publish_rejected == 1
+    assert backend.errors == 0
+
+
+async def test_redis_unreachable_publish_is_503_and_healthz_degraded(tmp_path: Path) -> None:
+    """A server whose Redis never answers: 503 with Retry-After, degraded, counted."""
+    from ._redis import free_port
+
+    backend = f"redis://127.0.0.1:{free_port()}/0"
+    with (
+        cli_server("serve", ["--backend", backend], tmp_path / "err") as server,
+        trio.fail_after(20),
+    ):
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+            refused = await client.post("/streams/t", json={"data": "x"})
+            health = await _wait_health(client, 503)
+            errors = await metrics(client)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": "redis unavailable: nothing was published"}
+    assert health == "degraded: redis unavailable"
+    assert sample(errors, "trio_stream_backend_errors_total") >= 1
+
+
+def _mirror_entry(seq: int, event_id: str) -> Entry:
+    event = Event(data=str(seq))
+    return Entry(
+        seq=seq,
+        id=event_id,
+        event=event,
+        wire=b"id: " + event_id.encode() + b"\n" + encode(event),
+        published_at=trio.current_time(),
+    )
+
+
+async def test_redis_ring_maps_redis_ids_to_positions() -> None:
+    """The mirror's ring: positions are the event numbers; gaps and strangers are told."""
+    log = RedisLog("t")
+    ring = log._ring
+    ring.restart(4)  # events 1-4 expired before this process loaded the topic
+    ring.extend([_mirror_entry(n, f"1000-{n}") for n in (5, 6, 7)])
+    assert log.resolve("1000-6") == Resume(position=6)
+    assert log.resolve("1000-7") == Resume(position=7)
+    expired = log.resolve("900-2").gap
+    assert expired is not None
+    assert (expired.reason, expired.lost, expired.position) == ("expired", 2, 4)
+    for stranger in ("1000-8", "5-6", "abc", "1000-06", "1000-", "-1", "\u0661-1"):
+        gap = log.resolve(stranger).gap
+        assert gap is not None, stranger
+        assert gap.reason == "unknown", stranger
+    assert log.id_of(6) == "1000-6"
+    assert log.id_of(3) == "0-3"
+    assert log.resolve("0-3").gap is not None
+    with pytest.raises(ValueError, match="without a hole"):
+        ring.extend([_mirror_entry(9, "1000-9")])
+    assert ring.restart(9) == 3
+    assert (ring.head, len(ring), ring.nbytes) == (9, 0, 0)

@@ -1,0 +1,532 @@
+"""Topic logs on Redis Streams, so that many processes (and hosts) serve as one.
+
+Needs ``coredis`` (the ``redis`` extra). Per topic, Redis holds two keys, under a
+configurable prefix (``trio_stream:`` by default):
+
+- ``<prefix>{<topic>}:log``, a stream of the topic's events (fields ``e``: name, ``d``:
+  data, ``s``: encoded size, ``c``: running total of sizes), with ids ``<ms>-<n>``: the
+  Redis clock in milliseconds (never going back) and the topic's event number;
+- ``<prefix>{<topic>}:meta``, a hash with the last ``n``, the running size total ``c``
+  and the last ``ms``.
+
+Publishing runs one Lua script: trim the expired events (``XTRIM MINID``), check count
+and bytes of what remains against the limits, refuse (fail closed) or ``XADD`` all the
+events; so publishers on any number of processes together never overshoot. Both keys
+expire when idle (the stream after ``max(2 * ttl, 60 s)``, the hash after a week).
+
+Reading: each process keeps, per topic it serves, a `RedisLog`: a local mirror (the same
+ring as the memory log, entries encoded once per process) fed by one task that follows
+the stream with ``XREAD BLOCK`` from the last id it saw. Ten thousand local streams of a
+topic cost one Redis reader. A mirror starts by loading what Redis retains (``XRANGE``
+over the TTL window), so a ``Last-Event-ID`` issued by any process resumes exactly here.
+Local positions are the event numbers, so they stay contiguous across processes.
+
+When Redis cannot be reached, publishing raises `BackendUnavailableError` (the app
+answers 503), open streams keep their heartbeats, and each reader retries with back-off
+from the last id it saw: nothing accepted is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+from coredis.tokens import PureToken
+
+from .._core._events import Event, encode
+from .._core._ring import Entry, Resume, Ring
+from .._log import BackendUnavailableError, MemoryLog
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from .._hub import Hub, HubConfig
+
+__all__ = ["DEFAULT_PREFIX", "RedisBackend", "RedisLog"]
+
+logger: Final = logging.getLogger("trio_stream")
+
+DEFAULT_PREFIX: Final = "trio_stream:"
+READ_BLOCK_MS: Final = 5_000
+READ_COUNT: Final = 1_000
+COMMAND_TIMEOUT: Final = 5.0
+"""Seconds a Redis command (other than the blocking read's wait) may take."""
+MIN_BACKOFF: Final = 0.05
+MAX_BACKOFF: Final = 2.0
+PUBLISH_RETRY_AFTER: Final = 1.0
+META_IDLE_MS: Final = 7 * 24 * 3600 * 1000
+PAUSES_KEPT: Final = 10_000
+"""Pause announcements kept (about) in ``<prefix>pauses``, for the processes to follow."""
+
+_ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+
+_PUBLISH: Final = """
+local stream, meta = KEYS[1], KEYS[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl, capacity, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local k = tonumber(ARGV[6])
+redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl + 1))
+local len = redis.call('XLEN', stream)
+local m = redis.call('HMGET', meta, 'n', 'c', 'ms')
+local n, c, last = tonumber(m[1]) or 0, tonumber(m[2]) or 0, tonumber(m[3]) or 0
+local held, oldest = 0, now
+if len > 0 then
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+  local f, fc, fs = first[2], 0, 0
+  for i = 1, #f, 2 do
+    if f[i] == 'c' then fc = tonumber(f[i + 1]) elseif f[i] == 's' then fs = tonumber(f[i + 1]) end
+  end
+  held = c - fc + fs
+  oldest = tonumber(string.match(first[1], '^(%d+)'))
+end
+local ms = math.max(now, last)
+local sizes, add = {}, 0
+for i = 1, k do
+  sizes[i] = tonumber(ARGV[6 + 3 * i]) + #string.format('%d-%d', ms, n + i) + 5
+  add = add + sizes[i]
+end
+if len + k > capacity or held + add > max_bytes then
+  return {0, string.format('%d', math.max(0, oldest + ttl - now))}
+end
+local ids = {}
+for i = 1, k do
+  n = n + 1
+  c = c + sizes[i]
+  local id = string.format('%d-%d', ms, n)
+  local at = 6 + 3 * (i - 1)
+  redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
+             's', sizes[i], 'c', string.format('%d', c))
+  ids[i] = id
+end
+redis.call('HSET', meta, 'n', string.format('%d', n), 'c', string.format('%d', c),
+           'ms', string.format('%d', ms))
+redis.call('PEXPIRE', stream, ARGV[4])
+redis.call('PEXPIRE', meta, ARGV[5])
+return {1, ids}
+"""
+
+
+def _split_id(event_id: str) -> tuple[int, int]:
+    """``(ms, n)`` of an id ``<ms>-<n>``.
+
+    Raises:
+        ValueError: *event_id* does not have that shape.
+    """
+    ms, sep, n = event_id.partition("-")
+    for part in (ms, n):
+        if not (part.isascii() and part.isdigit()) or len(part) > 19 or str(int(part)) != part:
+            raise ValueError(f"malformed event id {event_id[:64]!r}")
+    if not sep:
+        raise ValueError(f"malformed event id {event_id[:64]!r}")
+    return int(ms), int(n)
+
+
+@attrs.define(eq=False)
+class _RedisRing(Ring):
+    """A ring of entries whose ids were given by Redis: position = ``n + base``."""
+
+    base: int = attrs.field(default=0, init=False)
+    """Added to event numbers: moves on when a topic's stream starts over."""
+
+    def id_of(self, position: int) -> str | None:
+        if position <= 0:
+            return None
+        entry = self.entry(position)
+        return entry.id if entry is not None else f"0-{max(0, position - self.base)}"
+
+    def parse(self, event_id: str) -> int | None:
+        _, n = _split_id(event_id)
+        position = n + self.base
+        entry = self.entry(position)
+        if entry is not None and entry.id != event_id and not event_id.startswith("0-"):
+            return None  # the number of another event: from before the stream started over
+        return position
+
+    @property
+    def _id_line_size(self) -> int:
+        return 30  # "id: " + 13-digit ms + "-" + n + "\n", for the "could it ever fit" check
+
+
+@attrs.define(eq=False)
+class RedisLog(MemoryLog):
+    """A topic's log on Redis, mirrored in this process; made by `RedisBackend`.
+
+    Reading is local (the mirror); publishing goes to Redis (`submit`).
+    """
+
+    backend: RedisBackend | None = attrs.field(default=None, kw_only=True)
+    remote = True
+    _key: str = attrs.field(init=False)
+    _meta: str = attrs.field(init=False)
+    _loaded: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _last_id: str | None = attrs.field(default=None, init=False)
+    _offset: float = attrs.field(default=0.0, init=False)  # trio time - Redis time
+    _resync: bool = attrs.field(default=True, init=False)
+    _full_until: float = attrs.field(default=-math.inf, init=False)
+    _head_at_load: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        prefix = DEFAULT_PREFIX if self.backend is None else self.backend.prefix
+        self._key = f"{prefix}{{{self.topic}}}:log"
+        self._meta = f"{prefix}{{{self.topic}}}:meta"
+
+    def _make_ring(self) -> Ring:
+        return _RedisRing(
+            epoch="redis", capacity=self.capacity, max_bytes=self.max_bytes, ttl=self.ttl
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Whether the mirror has loaded what Redis retains."""
+        return self._loaded.is_set()
+
+    async def wait_ready(self) -> None:
+        """Wait until the mirror has loaded what Redis retains.
+
+        Cancellation: safe.
+        """
+        await self._loaded.wait()
+
+    def resolve_pending(self, last_event_id: str | None) -> Resume:
+        """`resolve`, with ``None`` meaning after the head Redis had when loading began.
+
+        So a stream asked for before the mirror loaded gets every event published
+        after it asked, even those the loading brought.
+        """
+        if last_event_id is None:
+            return Resume(position=max(self._head_at_load, self.first - 1))
+        return self.resolve(last_event_id)
+
+    def close(self) -> None:
+        """Stop following the topic's stream."""
+        self._scope.cancel()
+
+    # -- publishing ------------------------------------------------------------------
+
+    def append_nowait(self, events: Iterable[Event]) -> list[Entry]:
+        """Not available: a Redis log publishes through the network (`submit`).
+
+        Raises:
+            RuntimeError: Always.
+        """
+        raise RuntimeError("a Redis topic log publishes asynchronously: use Hub.submit")
+
+    async def append(self, events: Iterable[Event]) -> list[Entry]:
+        """Not available: see `append_nowait` (``Hub.publish`` works).
+
+        Raises:
+            RuntimeError: Always.
+        """
+        raise RuntimeError("a Redis topic log publishes asynchronously: use Hub.submit")
+
+    async def submit(self, events: Iterable[Event]) -> list[str]:
+        """Append *events* in Redis, all or none, or refuse; returns their ids.
+
+        The events reach this process's readers when the mirror's reader brings them.
+
+        Raises:
+            trio.WouldBlock: The topic is full of unexpired events, counting every
+                process's (fail closed).
+            BatchTooLargeError: The events could never fit, even in an empty log.
+            LocalProtocolError: An event's data is not valid Unicode.
+            BackendUnavailableError: Redis could not be reached: nothing was published.
+
+        Cancellation: a cancelled call may or may not have published the events.
+        """
+        bodies, _ = self._prepare(events)
+        backend = self.backend
+        if backend is None or backend.script is None:
+            raise BackendUnavailableError(
+                "redis unavailable: nothing was published", retry_after=PUBLISH_RETRY_AFTER
+            )
+        args: list[str | int] = [
+            max(1, math.ceil(self.ttl * 1000)),
+            self.capacity,
+            self.max_bytes,
+            max(2 * math.ceil(self.ttl * 1000), 60_000),
+            META_IDLE_MS,
+            len(bodies),
+        ]
+        for event, body in bodies:
+            args += [event.event or "", event.data, len(body)]
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                result: Any = await backend.script(keys=[self._key, self._meta], args=args)
+        except _ERRORS as error:
+            backend.failed(error, f"publishing to topic {self.topic!r}")
+            raise BackendUnavailableError(
+                "redis unavailable: nothing was published", retry_after=PUBLISH_RETRY_AFTER
+            ) from None
+        backend.worked()
+        accepted, value = result
+        if not accepted:
+            self.rejected += len(bodies)
+            self._full_until = trio.current_time() + int(value) / 1000
+            raise trio.WouldBlock
+        return [
+            event_id.decode() if isinstance(event_id, bytes) else event_id for event_id in value
+        ]
+
+    def retry_after(self) -> float:
+        """Seconds until the topic frees room, as Redis said when it last refused."""
+        return max(0.0, self._full_until - trio.current_time())
+
+    # -- following the stream ---------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Load what Redis retains, then follow the stream, until `close` or cancelled.
+
+        Errors are counted and retried with back-off, from the last id seen.
+        """
+        backend = self.backend
+        assert backend is not None
+        backoff = MIN_BACKOFF
+        with self._scope:
+            while True:
+                if backend.client is None:  # the backend stopped
+                    return
+                try:
+                    if self._resync:
+                        await self._sync_clock(backend.client)
+                    if not self._loaded.is_set():
+                        await self._load(backend.client)
+                    else:
+                        await self._read(backend.client)
+                except _ERRORS as error:
+                    backend.failed(error, f"reading topic {self.topic!r}")
+                    self._resync = True
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                else:
+                    backend.worked()
+                    backoff = MIN_BACKOFF
+
+    async def _sync_clock(self, client: Any) -> None:
+        assert self.backend is not None
+        with trio.fail_after(COMMAND_TIMEOUT):
+            now = await self.backend.redis_time()
+        self._offset = trio.current_time() - now
+        self._resync = False
+
+    async def _load(self, client: Any) -> None:
+        assert self.backend is not None
+        with trio.fail_after(COMMAND_TIMEOUT):
+            meta = await client.hmget(self._meta, ["n", "ms"])
+            self._head_at_load = int(meta[0] or 0)
+            now = await self.backend.redis_time()
+            cutoff = math.floor(now * 1000 - self.ttl * 1000)
+            items = await client.xrange(self._key, str(cutoff + 1), "+", count=self.capacity)
+        ring = self._ring
+        if items:
+            _, n = _split_id(items[0].identifier.decode())
+            ring.restart(n - 1)
+            self._feed(items)
+        else:
+            n, ms = int(meta[0] or 0), int(meta[1] or 0)
+            ring.restart(n)
+            self._last_id = f"{ms}-{n}"
+        self._loaded.set()
+
+    async def _read(self, client: Any) -> None:
+        assert self._last_id is not None
+        with trio.fail_after(READ_BLOCK_MS / 1000 + COMMAND_TIMEOUT):
+            got = await client.xread(
+                {self._key: self._last_id}, count=READ_COUNT, block=READ_BLOCK_MS
+            )
+        if got:
+            for items in got.values():
+                self._feed(items)
+
+    def _feed(self, items: Sequence[Any]) -> None:
+        """Append entries read from Redis to the mirror; wake the readers."""
+        ring = self._ring
+        assert isinstance(ring, _RedisRing)
+        batch: list[Entry] = []
+        moved = False
+        for item in items:
+            event_id = item.identifier.decode()
+            ms, n = _split_id(event_id)
+            head = batch[-1].seq if batch else ring.head
+            position = n + ring.base
+            if position <= head:  # the stream started over (its keys expired, or were lost)
+                ring.base += head + 1 - position
+                position = head + 1
+            elif position > head + 1:  # trimmed before this process could read them
+                ring.extend(batch)
+                batch = []
+                ring.restart(position - 1)
+                moved = True
+            fields = item.field_values
+            name = fields.get(b"e", b"").decode("utf-8", "replace") or None
+            event = Event(data=fields.get(b"d", b"").decode("utf-8", "replace"), event=name)
+            wire = b"id: " + event_id.encode() + b"\n" + encode(event)
+            batch.append(
+                Entry(
+                    seq=position,
+                    id=event_id,
+                    event=event,
+                    wire=wire,
+                    published_at=ms / 1000 + self._offset,
+                )
+            )
+            self._last_id = event_id
+        ring.extend(batch)
+        self.published += len(batch)
+        if batch or moved:
+            self._grew()
+
+
+@attrs.define(eq=False)
+class RedisBackend:
+    """Topic logs on one Redis server, shared by every process configured alike.
+
+    Use it as ``HubConfig(backend=RedisBackend("redis://127.0.0.1:6379/0"))``; the hub
+    runs it (`Hub.run_housekeeping`, started by the app's lifespan or `open_hub`).
+
+    Args:
+        url: ``redis://host:port/db`` (``rediss://`` for TLS, credentials in the URL).
+        prefix: Put in front of every key, so that deployments can share a server.
+        max_connections: Connections to Redis at most: each topic's reader holds one.
+
+    Attributes:
+        errors: Redis operations that failed.
+    """
+
+    url: str
+    prefix: str = attrs.field(default=DEFAULT_PREFIX, kw_only=True)
+    max_connections: int = attrs.field(default=10_064, kw_only=True)
+    errors: int = attrs.field(default=0, init=False)
+    client: Any = attrs.field(default=None, init=False)
+    script: Any = attrs.field(default=None, init=False)
+    clock: Any = attrs.field(default=None, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _waiting: list[RedisLog] = attrs.field(factory=list, init=False)
+    _failing: bool = attrs.field(default=False, init=False)
+    _origin: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"not a Redis URL: {self.url!r} (expected redis://host:port/db)")
+
+    def open_log(self, topic: str, config: HubConfig) -> RedisLog:
+        """A mirrored Redis log for *topic*; its reader starts now (or when `run` starts)."""
+        log = RedisLog(
+            topic,
+            capacity=config.log_capacity,
+            max_bytes=config.log_max_bytes,
+            ttl=config.log_ttl,
+            backend=self,
+        )
+        if self._nursery is not None:
+            self._nursery.start_soon(log.follow)
+        else:
+            self._waiting.append(log)
+        return log
+
+    async def run(
+        self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the connection pool and run the topics' readers until cancelled.
+
+        Also follows the other processes' pause announcements, applied to *hub*.
+        """
+        client: Any = coredis.Redis.from_url(self.url, max_connections=self.max_connections)
+        try:
+            async with client, trio.open_nursery() as nursery:
+                self.client = client
+                self.script = client.register_script(_PUBLISH)
+                self.clock = client.register_script("return redis.call('TIME')")
+                self._nursery = nursery
+                for log in self._waiting:
+                    nursery.start_soon(log.follow)
+                nursery.start_soon(self._follow_pauses, hub)
+                self._waiting.clear()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.client = self.script = self.clock = None
+
+    async def redis_time(self) -> float:
+        """The Redis server's clock, in seconds since the epoch."""
+        seconds, microseconds = await self.clock(keys=[], args=[])
+        return int(seconds) + int(microseconds) / 1e6
+
+    def share_pause(self, topic: str, client_id: str, after: str | None, *, paused: bool) -> None:
+        """Announce to the other processes that a client was paused, or caught up."""
+        if self._nursery is not None:
+            fields = {"o": self._origin, "p": "1" if paused else "0", "t": topic, "c": client_id}
+            fields["a"] = "" if after is None else after
+            self._nursery.start_soon(self._announce, fields)
+
+    async def _announce(self, fields: dict[str, str]) -> None:
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                await self.client.xadd(
+                    f"{self.prefix}pauses",
+                    fields,
+                    trim_strategy=PureToken.MAXLEN,
+                    trim_operator=PureToken.APPROXIMATELY,
+                    threshold=PAUSES_KEPT,
+                )
+        except _ERRORS as error:
+            self.failed(error, "announcing a pause")
+
+    async def _follow_pauses(self, hub: Hub) -> None:
+        """Apply the pause announcements of the other processes to *hub*."""
+        key, last, backoff = f"{self.prefix}pauses", None, MIN_BACKOFF
+        while self.client is not None:
+            try:
+                with trio.fail_after(READ_BLOCK_MS / 1000 + COMMAND_TIMEOUT):
+                    if last is None:
+                        newest = await self.client.xrevrange(key, "+", "-", count=1)
+                        last = newest[0].identifier.decode() if newest else "0-0"
+                    got = await self.client.xread(
+                        {key: last}, count=READ_COUNT, block=READ_BLOCK_MS
+                    )
+            except _ERRORS as error:
+                self.failed(error, "reading pause announcements")
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            self.worked()
+            backoff = MIN_BACKOFF
+            for items in (got or {}).values():
+                for item in items:
+                    last = item.identifier.decode()
+                    fields = {k.decode(): v.decode() for k, v in item.field_values.items()}
+                    if fields.get("o") != self._origin:
+                        hub.apply_pause(
+                            fields.get("t", ""),
+                            fields.get("c", ""),
+                            fields.get("a") or None,
+                            paused=fields.get("p") == "1",
+                        )
+
+    def problem(self) -> str | None:
+        """``"redis unavailable"`` while operations fail, else ``None``."""
+        return "redis unavailable" if self._failing or self.client is None else None
+
+    def failed(self, error: BaseException, doing: str) -> None:
+        """Count a failed operation; log when Redis starts failing."""
+        self.errors += 1
+        if not self._failing:
+            self._failing = True
+            logger.warning("redis unavailable while %s: %s", doing, error or type(error).__name__)
+
+    def worked(self) -> None:
+        """An operation succeeded: Redis is back, if it was away."""
+        if self._failing:
+            self._failing = False
+            logger.warning("redis available again")
