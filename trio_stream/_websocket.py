@@ -348,6 +348,11 @@ async def serve_websocket(app: App, scope: Scope, receive: Receive, send: Send) 
                 await _refuse(app, scope, send, error)
             return
         with connection:
+            try:
+                await app._loaded(connection)  # a remote (Redis) log places the stream first
+            except _HTTPError as error:
+                await _refuse(app, scope, send, error)
+                return
             accepted = True
             await _accept(send, connection.client_id)
             sink = _WebSocketSink(send, topic, connection.client_id)

@@ -332,3 +332,24 @@ async def test_redis_ring_maps_redis_ids_to_positions() -> None:
         ring.extend([_mirror_entry(9, "1000-9")])
     assert ring.restart(9) == 3
     assert (ring.head, len(ring), ring.nbytes) == (9, 0, 0)
+
+
+async def test_redis_websocket_stream_on_the_other_process(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """A WebSocket stream on B, resuming after an id A issued, gets A's events exactly."""
+    from trio_stream import open_websocket_stream
+
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with http_client(a.url) as to_a:
+            marker = await publish_many(to_a, "ws-topic", ["marker"])
+            ids = await publish_many(to_a, "ws-topic", [f"w{i}" for i in range(20)])
+            ws_url = b.url.replace("http://", "ws://") + "/streams/ws-topic"
+            async with open_websocket_stream(ws_url, last_event_id=marker[0]) as events:
+                got = []
+                async for item in events:
+                    assert isinstance(item, Event)
+                    got.append(item.id)
+                    if len(got) == 20:
+                        break
+    assert got == ids
