@@ -27,7 +27,7 @@ import secrets
 import ssl
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 import attrs
@@ -1079,6 +1079,76 @@ def _check_duration(
     return float(value)
 
 
+def _stream_settings(
+    query: list[tuple[str, str]],
+    *,
+    client_id: str | None,
+    last_event_id: str | None,
+    ack: int | None,
+    max_attempts: int | None,
+    headers: Mapping[str, str] | None,
+    retry_interval: float,
+    max_retry_interval: float,
+    retry_jitter: float,
+    heartbeat_timeout: float,
+    ack_interval: float,
+    stream_factory: Callable[[str, int], Awaitable[trio.abc.Stream]] | None,
+    ssl_context: ssl.SSLContext | None,
+    reserved_headers: frozenset[str] = frozenset(),
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Check the options both clients take (SSE and WebSocket).
+
+    Returns:
+        The query with ``ack`` in it, and the `EventStream` arguments the options make.
+
+    Raises:
+        LocalProtocolError: An option is not acceptable (the message names it).
+    """
+    if client_id is not None:
+        check_client_id(client_id)
+    if last_event_id is not None and _UNSAFE.search(last_event_id):
+        raise LocalProtocolError(f"last_event_id must not contain CR, LF or NUL: {last_event_id!r}")
+    if ack is not None:
+        if isinstance(ack, bool) or not isinstance(ack, int) or not 1 <= ack <= 10_000:
+            raise LocalProtocolError(f"ack must be an integer from 1 to 10000, got {ack!r}")
+        query = [(key, value) for key, value in query if key != "ack"] + [("ack", str(ack))]
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+    ):
+        raise LocalProtocolError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+    extra: list[tuple[bytes, bytes]] = []
+    for name, value in (headers or {}).items():
+        lowered = name.lower()
+        if lowered in _RESERVED_HEADERS or lowered in reserved_headers:
+            raise LocalProtocolError(f"the client sets the {name!r} header itself")
+        if _UNSAFE.search(name + value):
+            raise LocalProtocolError(f"header {name!r} must not contain CR, LF or NUL")
+        extra.append((name.encode("ascii"), value.encode("latin-1")))
+
+    async def open_stream(to: _Origin) -> trio.abc.Stream:
+        if stream_factory is not None:
+            return await stream_factory(to.host, to.port)
+        return await _default_factory(to, ssl_context)
+
+    return query, {
+        "client_id": client_id,
+        "resume_id": last_event_id,
+        "ack": ack,
+        "headers": extra,
+        "max_attempts": max_attempts,
+        "retry_interval": _check_duration("retry_interval", retry_interval),
+        "max_retry_interval": _check_duration(
+            "max_retry_interval", max_retry_interval, infinite=True
+        ),
+        "retry_jitter": _check_duration("retry_jitter", retry_jitter),
+        "heartbeat_timeout": _check_duration(
+            "heartbeat_timeout", heartbeat_timeout, positive=True, infinite=True
+        ),
+        "ack_interval": _check_duration("ack_interval", ack_interval),
+        "open_stream": open_stream,
+    }
+
+
 @asynccontextmanager
 async def open_event_stream(
     url: str,
@@ -1187,29 +1257,21 @@ async def open_event_stream(
     else:
         topic = unquote(segments[-1]) or None
         ack_path = path.rstrip("/") + "/ack"
-    if client_id is not None:
-        check_client_id(client_id)
-    if last_event_id is not None and _UNSAFE.search(last_event_id):
-        raise LocalProtocolError(f"last_event_id must not contain CR, LF or NUL: {last_event_id!r}")
-    if ack is not None:
-        if isinstance(ack, bool) or not isinstance(ack, int) or not 1 <= ack <= 10_000:
-            raise LocalProtocolError(f"ack must be an integer from 1 to 10000, got {ack!r}")
-        query = [(key, value) for key, value in query if key != "ack"] + [("ack", str(ack))]
-    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
-        raise LocalProtocolError(f"max_attempts must be a positive integer, got {max_attempts!r}")
-    extra: list[tuple[bytes, bytes]] = []
-    for name, value in (headers or {}).items():
-        if name.lower() in _RESERVED_HEADERS:
-            raise LocalProtocolError(f"the client sets the {name!r} header itself")
-        if _UNSAFE.search(name + value):
-            raise LocalProtocolError(f"header {name!r} must not contain CR, LF or NUL")
-        extra.append((name.encode("ascii"), value.encode("latin-1")))
-
-    async def open_stream(to: _Origin) -> trio.abc.Stream:
-        if stream_factory is not None:
-            return await stream_factory(to.host, to.port)
-        return await _default_factory(to, ssl_context)
-
+    query, settings = _stream_settings(
+        query,
+        client_id=client_id,
+        last_event_id=last_event_id,
+        ack=ack,
+        max_attempts=max_attempts,
+        headers=headers,
+        retry_interval=retry_interval,
+        max_retry_interval=max_retry_interval,
+        retry_jitter=retry_jitter,
+        heartbeat_timeout=heartbeat_timeout,
+        ack_interval=ack_interval,
+        stream_factory=stream_factory,
+        ssl_context=ssl_context,
+    )
     stream = EventStream(
         url=url,
         origin=origin,
@@ -1217,21 +1279,9 @@ async def open_event_stream(
         query=query,
         topic=topic,
         ack_path=ack_path,
-        client_id=client_id,
-        resume_id=last_event_id,
-        ack=ack,
         auto_ack=auto_ack,
-        headers=extra,
         raise_on_reset=raise_on_reset,
-        retry_interval=_check_duration("retry_interval", retry_interval),
-        max_retry_interval=_check_duration("max_retry_interval", max_retry_interval, infinite=True),
-        retry_jitter=_check_duration("retry_jitter", retry_jitter),
-        max_attempts=max_attempts,
-        heartbeat_timeout=_check_duration(
-            "heartbeat_timeout", heartbeat_timeout, positive=True, infinite=True
-        ),
-        ack_interval=_check_duration("ack_interval", ack_interval),
-        open_stream=open_stream,
+        **settings,
     )
     with _lone_exception_unwrapped():
         async with trio.open_nursery() as nursery:

@@ -39,8 +39,6 @@ from trio_websocket import (
 )
 
 from ._client import (
-    _RESERVED_HEADERS,
-    _UNSAFE,
     _USER_AGENT,
     DEFAULT_ACK_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -49,21 +47,18 @@ from ._client import (
     DEFAULT_RETRY_JITTER,
     EventStream,
     StreamReset,
-    _check_duration,
-    _default_factory,
     _delay_ms,
     _json_object,
     _Lost,
     _optional_str,
-    _Origin,
     _raise_if_certificate_error,
     _Requester,
     _split_url,
+    _stream_settings,
     _target,
 )
 from ._core._errors import LocalProtocolError, RemoteProtocolError
 from ._core._events import Event
-from ._core._names import check_client_id
 from ._pipeline import _lone_exception_unwrapped
 
 if TYPE_CHECKING:
@@ -458,31 +453,24 @@ async def open_websocket_stream(
     if any(key == "topic" for key, _ in query):
         raise LocalProtocolError("several-topics streams are not served over WebSocket yet")
     topic = unquote(path.rstrip("/").split("/")[-1]) or None
-    if client_id is not None:
-        check_client_id(client_id)
-    if ack is not None:
-        if isinstance(ack, bool) or not isinstance(ack, int) or not 1 <= ack <= 10_000:
-            raise LocalProtocolError(f"ack must be an integer from 1 to 10000, got {ack!r}")
-        query = [(key, value) for key, value in query if key != "ack"] + [("ack", str(ack))]
-    if max_attempts is not None and (
-        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
-    ):
-        raise LocalProtocolError(f"max_attempts must be a positive integer, got {max_attempts!r}")
-    extra: list[tuple[bytes, bytes]] = []
-    for name, value in (headers or {}).items():
-        lowered = name.lower()
-        if lowered in _RESERVED_HEADERS or lowered in _WS_HEADERS:
-            raise LocalProtocolError(f"the client sets the {name!r} header itself")
-        if _UNSAFE.search(name + value):
-            raise LocalProtocolError(f"header {name!r} must not contain CR, LF or NUL")
-        extra.append((name.encode("ascii"), value.encode("latin-1")))
+    query, settings = _stream_settings(
+        query,
+        client_id=client_id,
+        last_event_id=last_event_id,
+        ack=ack,
+        max_attempts=max_attempts,
+        headers=headers,
+        retry_interval=retry_interval,
+        max_retry_interval=max_retry_interval,
+        retry_jitter=retry_jitter,
+        heartbeat_timeout=heartbeat_timeout,
+        ack_interval=ack_interval,
+        stream_factory=stream_factory,
+        ssl_context=ssl_context,
+        reserved_headers=_WS_HEADERS,
+    )
     resource = _target(path, query).decode("ascii")
     ws_url = urlunsplit(urlsplit(ws_url)._replace(path="", query="", fragment="")) + resource
-
-    async def open_stream(to: _Origin) -> trio.abc.Stream:
-        if stream_factory is not None:
-            return await stream_factory(to.host, to.port)
-        return await _default_factory(to, ssl_context)
 
     stream = WebSocketEventStream(
         url=http_url,
@@ -491,23 +479,11 @@ async def open_websocket_stream(
         query=query,
         topic=topic,
         ack_path=path.rstrip("/") + "/ack",
-        client_id=client_id,
-        resume_id=last_event_id,
-        ack=ack,
         auto_ack=auto_ack,
-        headers=extra,
         raise_on_reset=raise_on_reset,
-        retry_interval=_check_duration("retry_interval", retry_interval),
-        max_retry_interval=_check_duration("max_retry_interval", max_retry_interval, infinite=True),
-        retry_jitter=_check_duration("retry_jitter", retry_jitter),
-        max_attempts=max_attempts,
-        heartbeat_timeout=_check_duration(
-            "heartbeat_timeout", heartbeat_timeout, positive=True, infinite=True
-        ),
-        ack_interval=_check_duration("ack_interval", ack_interval),
-        open_stream=open_stream,
         ws_url=ws_url,
         resource=resource,
+        **settings,
     )
     with _lone_exception_unwrapped():
         async with trio.open_nursery() as nursery:
