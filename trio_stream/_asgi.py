@@ -41,9 +41,10 @@ from ._core._errors import (
 )
 from ._core._events import Event, encode, encode_retry
 from ._core._names import check_client_id, check_topic
-from ._hub import Hub, HubConfig
+from ._hub import Hub, HubConfig, PollResult
 from ._log import BackendUnavailableError
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, exposition
+from ._several import topic_set
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -190,11 +191,16 @@ class _Request:
 
 @attrs.define(eq=False)
 class _SSESink:
-    """Frames a connection's writes as Server-Sent Events in ASGI body messages."""
+    """Frames a connection's writes as Server-Sent Events in ASGI body messages.
+
+    *topics* are the stream's topics, for the ``poll_url`` of a pause; *several* says
+    whether it is a stream of several (whose resets and pauses name their topic).
+    """
 
     send: Send
-    topic: str
+    topics: tuple[str, ...]
     client_id: str
+    several: bool = False
 
     async def _write(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -209,17 +215,41 @@ class _SSESink:
         await self._write(HEARTBEAT)
 
     async def send_reset(self, gap: Gap) -> None:
-        data = json.dumps({"reason": gap.reason, "last_event_id": gap.last_event_id})
-        await self._write(encode(Event(event="reset", data=data)))
+        await self._write(encode(Event(event="reset", data=json.dumps(reset_data(gap)))))
 
-    async def send_pause(self, after: str | None, retry_after: float) -> None:
-        data = json.dumps(
-            {
-                "poll_url": poll_url(self.topic, after, self.client_id),
-                "retry_after_ms": round(retry_after * 1000),
-            }
-        )
-        await self._write(encode(Event(event="pause", data=data)))
+    async def send_pause(
+        self, after: str | None, retry_after: float, *, topic: str | None = None
+    ) -> None:
+        data = pause_data(self.topics, after, self.client_id, retry_after, self.several, topic)
+        await self._write(encode(Event(event="pause", data=json.dumps(data))))
+
+
+def reset_data(gap: Gap) -> dict[str, object]:
+    """What a ``reset`` carries: the reason, the id asked for, the topic (several)."""
+    data: dict[str, object] = {"reason": gap.reason, "last_event_id": gap.last_event_id}
+    if gap.topic is not None:
+        data["topic"] = gap.topic
+    return data
+
+
+def pause_data(
+    topics: Sequence[str],
+    after: str | None,
+    client_id: str,
+    retry_after: float,
+    several: bool,
+    topic: str | None,
+) -> dict[str, object]:
+    """What a ``pause`` carries: where to poll, when; the topic that lagged (several)."""
+    url = (
+        poll_url_many(topics, after, client_id)
+        if several
+        else poll_url(topics[0], after, client_id)
+    )
+    data: dict[str, object] = {"poll_url": url, "retry_after_ms": round(retry_after * 1000)}
+    if several and topic is not None:
+        data["topic"] = topic
+    return data
 
 
 def _integer(raw: str) -> int | None:
@@ -240,6 +270,15 @@ def poll_url(topic: str, after: str | None, client_id: str) -> str:
     if after is not None:
         query = f"after={quote(after, safe='')}&{query}"
     return f"/streams/{quote(topic, safe='')}/poll?{query}"
+
+
+def poll_url_many(topics: Iterable[str], after: str | None, client_id: str) -> str:
+    """The path a client paused on a stream of several topics polls (``/streams/_poll``)."""
+    query = [f"topic={quote(topic, safe='')}" for topic in topics]
+    if after is not None:
+        query.append(f"after={quote(after, safe='')}")
+    query.append(f"client_id={quote(client_id, safe='')}")
+    return f"/streams/_poll?{'&'.join(query)}"
 
 
 def _check_events(body: object) -> list[Event]:
@@ -388,6 +427,14 @@ class App:
             plain = partial(self._static, request, "demo.html", b"text/html; charset=utf-8")
         elif self.config.demo and path == "/demo/config":
             plain = partial(self._demo_config, request)
+        elif len(parts) == 2 and parts[1] == "streams":
+            return {"GET": partial(self._stream_many, request)}
+        elif len(parts) == 3 and parts[1] == "streams" and parts[2].startswith("_"):
+            if parts[2] == "_poll":
+                return {"GET": partial(self._poll_many, request)}
+            if parts[2] == "_ack":
+                return {"POST": partial(self._ack_many, request)}
+            raise _HTTPError(404, f"no such path: {path[:200]} (topics do not start with '_')")
         elif len(parts) == 3 and parts[1] == "streams" and parts[2]:
             topic = self._topic(parts[2])
             return {
@@ -435,6 +482,14 @@ class App:
     def _topic(name: str) -> str:
         try:
             return check_topic(name)
+        except LocalProtocolError as error:
+            raise _HTTPError(400, str(error)) from None
+
+    @staticmethod
+    def _topics(request: _Request) -> tuple[str, ...]:
+        """The ``topic`` parameters of a stream of several, checked and sorted."""
+        try:
+            return topic_set(value for key, value in request.query if key == "topic")
         except LocalProtocolError as error:
             raise _HTTPError(400, str(error)) from None
 
@@ -649,26 +704,35 @@ class App:
 
     # -- the endpoints, continued ----------------------------------------------------------
 
-    def _connect(self, request: _Request, topic: str, grant: Grant | None = None) -> Connection:
+    def _connect(
+        self, request: _Request, topics: tuple[str, ...], grant: Grant | None, *, several: bool
+    ) -> Connection:
+        """Admit the stream of *topics* the request asks for (one, unless *several*)."""
         if self._draining:
             raise _HTTPError(503, "server is shutting down", headers=[_retry_after(1)])
         ack = self._ack_window(request)
         last_event_id = request.header(b"last-event-id")
         if last_event_id is None:
             last_event_id = request.param("last_event_id")
+        client_id = self._client_id(request, grant)
         try:
+            if several:
+                return self.hub.connect_many(
+                    topics, client_id=client_id, last_event_id=last_event_id, ack=ack
+                )
             return self.hub.connect(
-                topic,
-                client_id=self._client_id(request, grant),
-                last_event_id=last_event_id,
-                ack=ack,
+                topics[0], client_id=client_id, last_event_id=last_event_id, ack=ack
             )
         except ClientPausedError as paused:
+            if several:
+                url = poll_url_many(topics, paused.after, paused.client_id)
+            else:
+                url = poll_url(topics[0], paused.after, paused.client_id)
             raise _HTTPError(
                 429,
                 "paused",
                 headers=[_retry_after(paused.retry_after), (b"x-stream-pause", b"true")],
-                extra={"poll_url": poll_url(topic, paused.after, paused.client_id)},
+                extra={"poll_url": url},
             ) from None
         except LimitExceededError as error:
             raise _HTTPError(429, str(error), headers=[_retry_after(error.retry_after)]) from None
@@ -686,16 +750,24 @@ class App:
         Raises:
             _HTTPError: 503 when the log does not load in time (Redis unavailable).
         """
-        if connection.log.ready:
-            return
+        logs = [topic.log for topic, _ in connection.places()]
         with trio.move_on_after(BACKEND_LOAD_TIMEOUT):
-            await connection.log.wait_ready()
-        if not connection.log.ready:
+            for log in logs:
+                await log.wait_ready()
+        if not all(log.ready for log in logs):
             raise _HTTPError(503, "redis unavailable: try again", headers=[_retry_after(1)])
 
     async def _stream(self, request: _Request, topic: str) -> None:
-        grant = await self._authorize(request, "stream", (topic,))
-        connection = self._connect(request, topic, grant)
+        await self._serve_stream(request, (topic,), several=False)
+
+    async def _stream_many(self, request: _Request) -> None:
+        await self._serve_stream(request, self._topics(request), several=True)
+
+    async def _serve_stream(
+        self, request: _Request, topics: tuple[str, ...], *, several: bool
+    ) -> None:
+        grant = await self._authorize(request, "stream", topics)
+        connection = self._connect(request, topics, grant, several=several)
         expiry = trio.CancelScope(deadline=self._expiry(grant))
         with connection:
             await self._loaded(connection)
@@ -713,7 +785,7 @@ class App:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": retry, "more_body": True})
             self.hub.signal("retry_field")
-            sink = _SSESink(send, topic, connection.client_id)
+            sink = _SSESink(send, topics, connection.client_id, several)
             with trio.CancelScope() as drain:
                 self._streams.add(drain)
                 try:
@@ -786,6 +858,45 @@ class App:
 
     async def _ack(self, request: _Request, topic: str) -> None:
         grant = await self._authorize(request, "ack", (topic,))
+        client_id, last_event_id, utilization = await self._ack_body(request, grant)
+        await self._acked(
+            request,
+            partial(
+                self.hub.ack,
+                topic,
+                client_id=client_id,
+                last_event_id=last_event_id,
+                buffer_utilization=utilization,
+            ),
+        )
+
+    async def _ack_many(self, request: _Request) -> None:
+        # The topics are known once the id is (the hub knows the client's topic sets):
+        # a grant must then allow every one of them, as for streaming them.
+        grant = await self._authorize(request, "ack", ())
+        client_id, last_event_id, utilization = await self._ack_body(request, grant)
+        if grant is not None:
+            for topic in self.hub.topics_of(client_id, last_event_id):
+                if not grant.may_read(topic):
+                    raise _HTTPError(403, f"this token may not read topic {topic!r}")
+        await self._acked(
+            request,
+            partial(
+                self.hub.ack_many,
+                client_id=client_id,
+                last_event_id=last_event_id,
+                buffer_utilization=utilization,
+            ),
+        )
+
+    async def _ack_body(
+        self, request: _Request, grant: Grant | None
+    ) -> tuple[str, str, float | None]:
+        """``client_id``, ``last_event_id`` and ``buffer_utilization`` of an ack's body.
+
+        Raises:
+            _HTTPError: ``400``, ``403`` (another client than the grant's) or ``413``.
+        """
         body = await request.json(MAX_ACK_BODY)
         if not isinstance(body, dict):
             raise _HTTPError(400, "the body must be a JSON object")
@@ -805,12 +916,14 @@ class App:
             raise _HTTPError(400, "'buffer_utilization' must be a number from 0.0 to 1.0")
         try:
             check_client_id(client_id)
-            self.hub.ack(
-                topic,
-                client_id=client_id,
-                last_event_id=last_event_id,
-                buffer_utilization=None if utilization is None else float(utilization),
-            )
+        except LocalProtocolError as error:
+            raise _HTTPError(400, str(error)) from None
+        return client_id, last_event_id, None if utilization is None else float(utilization)
+
+    async def _acked(self, request: _Request, ack: Callable[[], None]) -> None:
+        """Apply *ack* (the hub's); answer ``204``, or the error it raises."""
+        try:
+            ack()
         except UnknownClientError as error:
             raise _HTTPError(404, str(error)) from None
         except NotSentError as error:
@@ -821,6 +934,17 @@ class App:
 
     async def _poll(self, request: _Request, topic: str) -> None:
         grant = await self._authorize(request, "poll", (topic,))
+        await self._polled(request, grant, partial(self.hub.poll, topic))
+
+    async def _poll_many(self, request: _Request) -> None:
+        topics = self._topics(request)
+        grant = await self._authorize(request, "poll", topics)
+        await self._polled(request, grant, partial(self.hub.poll_many, topics))
+
+    async def _polled(
+        self, request: _Request, grant: Grant | None, poll: Callable[..., PollResult]
+    ) -> None:
+        """Answer a poll with what ``poll(client_id=, after=, limit=)`` (the hub's) gives."""
         raw = request.param("limit")
         limit = DEFAULT_POLL_LIMIT
         if raw is not None:
@@ -830,9 +954,7 @@ class App:
             limit = min(value, MAX_POLL_LIMIT)
         client_id = self._client_id(request, grant) or secrets.token_urlsafe(12)
         try:
-            result = self.hub.poll(
-                topic, client_id=client_id, after=request.param("after"), limit=limit
-            )
+            result = poll(client_id=client_id, after=request.param("after"), limit=limit)
         except LimitExceededError as error:  # RateLimitedError included
             raise _HTTPError(429, str(error), headers=[_retry_after(error.retry_after)]) from None
         except TopicLimitError:

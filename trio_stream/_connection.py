@@ -22,7 +22,7 @@ from ._core._limits import CreditWindow
 from ._core._ring import Entry, Gap
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from ._hub import Hub, _Client, _ClientTopic, _Topic
     from ._log import MemoryLog
@@ -56,8 +56,13 @@ class Sink(Protocol):
         """Announce that events after ``gap.last_event_id`` were lost."""
         ...
 
-    async def send_pause(self, after: str | None, retry_after: float) -> None:
-        """Tell the client to poll after *after*, in *retry_after* seconds; the stream ends."""
+    async def send_pause(
+        self, after: str | None, retry_after: float, *, topic: str | None = None
+    ) -> None:
+        """Tell the client to poll after *after*, in *retry_after* seconds; the stream ends.
+
+        *topic* is the topic that lagged, on a stream of several topics.
+        """
         ...
 
 
@@ -67,7 +72,7 @@ class ConnectionStatistics:
 
     Attributes:
         client_id: Its client.
-        topic: Its topic.
+        topic: Its topic (on a stream of several, their names joined by commas).
         last_event_id: The id of the last event written (or the id it started after).
         lag: Events between the last written and the topic's head.
         sent: Events written.
@@ -148,6 +153,20 @@ class Connection:
         """The id of the last event written, or the id the stream started after."""
         return self.log.id_of(self.position)
 
+    @property
+    def key(self) -> str:
+        """What the client's pause is recorded under: the topic's name."""
+        return self.topic.name
+
+    @property
+    def lag(self) -> int:
+        """Events between the last one written and the head of the topic."""
+        return max(0, self.log.head - self.position)
+
+    def places(self) -> Iterable[tuple[_Topic, _ClientTopic]]:
+        """The topics streamed, with the client's record of each."""
+        return ((self.topic, self.record),)
+
     def __enter__(self) -> Connection:
         return self
 
@@ -186,16 +205,13 @@ class Connection:
             raise RuntimeError("a Connection runs once")
         self.state = "open"
         self._last_write = trio.current_time()  # the transport just wrote its preamble
-        log = self.log
         try:
             if self.pending_resume is not None:
                 await self._resolve_when_ready(self.pending_resume[0])
             # Nothing is owed yet: waiting for events is not idleness (see `_progress`).
             self._idle.deadline = math.inf
             with self._idle:
-                watch = log.watch_lag(self)
-                if self.lag_threshold() <= log.head:
-                    self.on_lag()
+                watches = self._watch_lag()
                 try:
                     async with trio.open_nursery() as nursery:
                         batches_in, batches_out = trio.open_memory_channel[_Item](0)
@@ -206,18 +222,29 @@ class Connection:
                         # finish the write in progress, then it sees the end of its channel.
                         await self._write(granted_out, sink)
                 finally:
-                    log.unwatch_lag(watch)
+                    for log, watch in watches:
+                        log.unwatch_lag(watch)
                 if self._pausing:
                     self.state = "paused"
                     after = self.last_event_id
                     # Paused since `on_lag`; the write in progress then may have gone out.
-                    if self.topic.name in self.client.paused:
-                        self.client.paused[self.topic.name] = after
-                    await sink.send_pause(after, cfg.poll_interval)
+                    if self.key in self.client.paused:
+                        self.client.paused[self.key] = after
+                    await self._send_pause(sink, after, cfg.poll_interval)
             if self._idle.cancelled_caught:
                 self.state = "idle"
         finally:
             self.close()
+
+    def _watch_lag(self) -> list[tuple[MemoryLog, object]]:
+        log = self.log
+        watch = log.watch_lag(self)
+        if self.lag_threshold() <= log.head:
+            self.on_lag()
+        return [(log, watch)]
+
+    async def _send_pause(self, sink: Sink, after: str | None, retry_after: float) -> None:
+        await sink.send_pause(after, retry_after)
 
     async def _resolve_when_ready(self, last_event_id: str | None) -> None:
         await self.log.wait_ready()
@@ -275,7 +302,9 @@ class Connection:
                         await granted.send(item)
                         continue
                     if isinstance(item, Gap):
-                        if window is not None:  # a reset starts the window afresh
+                        if window is not None and item.topic is None:
+                            # A reset starts the window afresh (on its topic: not
+                            # for a stream of several, whose other topics still count).
                             window.sent = window.acked = item.position
                         await granted.send(item)
                         continue
@@ -362,14 +391,14 @@ class Connection:
                     await sink.send_heartbeat()
                 elif isinstance(item, Gap):
                     await sink.send_reset(item)
-                    self._advance(item.position)
+                    self._skipped(item)
                 else:
                     await sink.send_events(item)
-                    self._advance(item[-1].seq)
+                    self._wrote(item)
                     n = len(item)
                     self.sent += n
                     hub.sent += n
-                    lag_histogram.observe(self.log.head - self.position, n)
+                    lag_histogram.observe(self.lag, n)
                 counted = not self._writing  # close() counted it already
                 self._writing = False
                 now = trio.current_time()
@@ -378,11 +407,21 @@ class Connection:
                     for entry in item:
                         latency.observe(now - entry.published_at)
                     if hub.tracing is not None:
-                        hub.tracing.delivered(self.topic.name, self.client.id, item, "write", now)
+                        self._trace(item, now)
                 if now - started >= stall and not counted:
                     self.write_stalls += 1
                     hub.note_stall(self, now - started)
                 self._progress(now)
+
+    def _wrote(self, entries: list[Entry]) -> None:
+        self._advance(entries[-1].seq)
+
+    def _skipped(self, gap: Gap) -> None:
+        self._advance(gap.position)
+
+    def _trace(self, entries: list[Entry], now: float) -> None:
+        assert self.hub.tracing is not None
+        self.hub.tracing.delivered(self.topic.name, self.client.id, entries, "write", now)
 
     def _advance(self, position: int) -> None:
         self.position = position
@@ -448,9 +487,9 @@ class Connection:
         bucket, window = self.client.bucket, self.window
         return ConnectionStatistics(
             client_id=self.client.id,
-            topic=self.topic.name,
+            topic=self.key,
             last_event_id=self.last_event_id,
-            lag=max(0, self.log.head - self.position),
+            lag=self.lag,
             sent=self.sent,
             dropped=self.dropped,
             write_stalls=self.write_stalls,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from ._connection import Connection
     from ._core._events import Event
+    from ._several import Cursor, MultiConnection
     from ._tracing import Tracing
 
 __all__ = [
@@ -48,6 +49,7 @@ logger: Final = logging.getLogger("trio_stream")
 SATURATION_WARNING: Final = 0.8
 HOUSEKEEPING_INTERVAL: Final = 1.0
 MAX_TOPICS_PER_CLIENT: Final = 64
+MAX_TOPIC_SETS_PER_CLIENT: Final = 16
 
 
 def _ack_window(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -171,7 +173,16 @@ class _Client:
     streams: int = 0
     paused: dict[str, str | None] = attrs.field(factory=dict)
     topics: dict[str, _ClientTopic] = attrs.field(factory=dict)
+    cursors: dict[str, Cursor] = attrs.field(factory=dict)
+    """The topic sets it streamed or polled together, by their ids' tag (for acks)."""
     last_seen: float = 0.0
+
+    def remember(self, cursor: Cursor) -> None:
+        cursors = self.cursors
+        cursors.pop(cursor.tag, None)
+        cursors[cursor.tag] = cursor  # the most recent last
+        if len(cursors) > MAX_TOPIC_SETS_PER_CLIENT:
+            del cursors[next(iter(cursors))]
 
     def record(self, topic: str, log: MemoryLog, position: int) -> _ClientTopic:
         record = self.topics.get(topic)
@@ -490,25 +501,8 @@ class Hub:
         """
         from ._connection import Connection
 
-        cfg = self.config
         check_topic(topic)
-        if ack is not None:
-            _ack_window(None, attrs.fields(HubConfig).window, ack)
-        if self.connections >= cfg.max_connections:
-            raise LimitExceededError("too many connections", retry_after=self._retry_after())
-        client = self._client(client_id)
-        if topic in client.paused:
-            raise ClientPausedError(
-                topic=topic,
-                client_id=client.id,
-                after=client.paused[topic],
-                retry_after=cfg.poll_interval,
-            )
-        if client.streams >= cfg.max_streams_per_client:
-            raise LimitExceededError(
-                f"client {client.id!r} holds {client.streams} streams already",
-                retry_after=self._retry_after(),
-            )
+        client = self._admit(client_id, topic, ack)
         t = self._topic(topic)
         if t.log.ready:
             resume, pending = t.log.resolve(last_event_id), None
@@ -530,20 +524,103 @@ class Hub:
         self.connections += 1
         return connection
 
+    def _admit(self, client_id: str | None, key: str, ack: int | None) -> _Client:
+        """The client asking for a stream, if the limits let it have one more.
+
+        *key* is what its pause would be recorded under (the topic, or topics).
+        """
+        cfg = self.config
+        if ack is not None:
+            _ack_window(None, attrs.fields(HubConfig).window, ack)
+        if self.connections >= cfg.max_connections:
+            raise LimitExceededError("too many connections", retry_after=self._retry_after())
+        client = self._client(client_id)
+        if key in client.paused:
+            raise ClientPausedError(
+                topic=key,
+                client_id=client.id,
+                after=client.paused[key],
+                retry_after=cfg.poll_interval,
+            )
+        if client.streams >= cfg.max_streams_per_client:
+            raise LimitExceededError(
+                f"client {client.id!r} holds {client.streams} streams already",
+                retry_after=self._retry_after(),
+            )
+        return client
+
+    def connect_many(
+        self,
+        topics: Iterable[str],
+        *,
+        client_id: str | None = None,
+        last_event_id: str | None = None,
+        ack: int | None = None,
+    ) -> MultiConnection:
+        """Admit a stream of several topics (1 to 16) for a client; see `connect`.
+
+        Events of all the topics come interleaved in the order the hub accepted them,
+        each with a composite id that resumes every topic (*last_event_id* takes one).
+        Limits and the ack window apply to the stream as a whole; it pauses when it
+        falls ``lag_limit`` events behind on any of its topics.
+
+        Raises:
+            LocalProtocolError: No topics, more than 16, a repeated or a bad topic, or
+                a bad client id.
+            LimitExceededError: ``max_connections`` or ``max_streams_per_client`` reached.
+            ClientPausedError: The client is paused on this set of topics.
+            TopicLimitError: A topic is new and the hub holds ``max_topics`` already.
+        """
+        from ._several import Cursor, MultiConnection, topic_set
+
+        cursor = Cursor(topic_set(topics))
+        client = self._admit(client_id, cursor.key, ack)
+        client.remember(cursor)
+        held = [self._topic(name) for name in cursor.topics]
+        logs = [t.log for t in held]
+        if all(log.ready for log in logs):
+            resumes, pending = cursor.resolve(logs, last_event_id), None
+        else:  # a remote log still loading: `run` resolves once they all are ready
+            resumes, pending = [Resume(position=log.head) for log in logs], (last_event_id,)
+        first = client.record(held[0].name, logs[0], resumes[0].position)
+        connection = MultiConnection(
+            hub=self,
+            client=client,
+            topic=held[0],
+            record=first,
+            position=0,
+            gap=None,
+            window=ack,
+            pending_resume=pending,
+            cursor=cursor,
+        )
+        connection.add_lanes(
+            [
+                (t, client.record(t.name, t.log, resume.position), resume)
+                for t, resume in zip(held, resumes, strict=True)
+            ]
+        )
+        client.streams += 1
+        for t in held:
+            t.streams += 1
+        self.connections += 1
+        return connection
+
     def _release(self, connection: Connection) -> None:
-        connection.record.connections.discard(connection)
+        for topic, record in connection.places():
+            record.connections.discard(connection)
+            topic.streams -= 1
         connection.client.streams -= 1
         connection.client.last_seen = trio.current_time()
-        connection.topic.streams -= 1
         self.connections -= 1
 
     def pause(self, connection: Connection, after: str | None) -> None:
-        """Mark *connection*'s client paused on its topic until it catches up by polling."""
-        connection.client.paused[connection.topic.name] = after
+        """Mark *connection*'s client paused on its topic (or topics) until it has polled."""
+        connection.client.paused[connection.key] = after
         self.signal("pause")
         if self.config.backend is not None:
             self.config.backend.share_pause(
-                connection.topic.name, connection.client.id, after, paused=True
+                connection.key, connection.client.id, after, paused=True
             )
 
     def apply_pause(self, topic: str, client_id: str, after: str | None, *, paused: bool) -> None:
@@ -612,8 +689,14 @@ class Hub:
             raise NotSentError(f"{last_event_id!r} was not sent to client {client_id!r}")
         if position > record.sent:
             raise NotSentError(f"{last_event_id!r} was not sent to client {client_id!r}")
+        if self._acked(t, record, client_id, position):
+            for connection in record.connections:
+                connection.on_ack(position)
+
+    def _acked(self, t: _Topic, record: _ClientTopic, client_id: str, position: int) -> bool:
+        """Move *record*'s acknowledged position to *position*; whether it moved."""
         if position <= record.acked:
-            return
+            return False
         previous, record.acked = record.acked, position
         now = trio.current_time()
         entry = t.log.entry(position)
@@ -621,9 +704,66 @@ class Hub:
             self.ack_latency.observe(now - entry.published_at)
         if self.tracing is not None:
             acked = [t.log.entry(p) for p in range(previous + 1, position + 1)]
-            self.tracing.delivered(topic, client_id, [e for e in acked if e], "ack", now)
-        for connection in record.connections:
-            connection.on_ack(position)
+            self.tracing.delivered(t.name, client_id, [e for e in acked if e], "ack", now)
+        return True
+
+    def topics_of(self, client_id: str, last_event_id: str) -> tuple[str, ...]:
+        """The topics of the stream *last_event_id* (composite) was sent on, if known."""
+        from ._several import tag_of
+
+        client = self._clients.get(client_id)
+        try:
+            cursor = None if client is None else client.cursors.get(tag_of(last_event_id))
+        except ValueError:
+            return ()
+        return () if cursor is None else cursor.topics
+
+    def ack_many(
+        self, *, client_id: str, last_event_id: str, buffer_utilization: float | None = None
+    ) -> None:
+        """Acknowledge every event up to the composite *last_event_id* on a stream of
+        several topics (see `connect_many`); cumulative, like `ack`.
+
+        The id names its stream's topics to the client's entry, which knows the topic
+        sets it streamed or polled.
+
+        Raises:
+            LocalProtocolError: A bad client id.
+            ValueError: A malformed id, or *buffer_utilization* outside 0.0-1.0.
+            UnknownClientError: No such client is known.
+            NotSentError: The id was never sent to this client.
+        """
+        from ._several import MultiConnection, tag_of
+
+        check_client_id(client_id)
+        if buffer_utilization is not None and not 0.0 <= buffer_utilization <= 1.0:
+            raise ValueError(f"buffer_utilization must be within 0.0-1.0: {buffer_utilization!r}")
+        tag = tag_of(last_event_id)
+        client = self._clients.get(client_id)
+        if client is None:
+            raise UnknownClientError(f"unknown client {client_id!r}")
+        client.last_seen = trio.current_time()
+        if buffer_utilization is not None:
+            self.buffer_utilization.observe(buffer_utilization)
+        not_sent = NotSentError(f"{last_event_id[:300]!r} was not sent to client {client_id!r}")
+        cursor = client.cursors.get(tag)
+        parts = None if cursor is None else cursor.split(last_event_id)
+        if cursor is None or parts is None:
+            raise not_sent
+        moves = []
+        for name, part in zip(cursor.topics, parts, strict=True):
+            t, record = self._topics.get(name), client.topics.get(name)
+            if t is None or record is None or record.log is not t.log:
+                raise not_sent
+            position = t.log.parse(part)
+            if position is None or position > record.sent:
+                raise not_sent
+            moves.append((t, record, position))
+        for t, record, position in moves:
+            self._acked(t, record, client_id, position)
+        for connection in list(moves[0][1].connections):
+            if isinstance(connection, MultiConnection) and connection.key == cursor.key:
+                connection.on_composite_ack(last_event_id)
 
     def poll(
         self, topic: str, *, client_id: str | None, after: str | None, limit: int = 100
@@ -646,19 +786,9 @@ class Hub:
         client = self._client(client_id)
         t = self._topic(topic)
         now = trio.current_time()
-        allowed = limit
-        for bucket in (client.bucket, self.global_bucket):
-            if bucket is not None:
-                allowed = min(allowed, bucket.available(now))
-                if not allowed:  # the transport counts the signal it sends (429)
-                    raise RateLimitedError(
-                        "rate limit: poll later", retry_after=bucket.ready_at(now) - now
-                    )
+        allowed = self._poll_allowance(client, limit, now)
         log = t.log
-        if not log.ready:
-            raise LimitExceededError(
-                f"topic {topic!r} is loading: poll again", retry_after=self._retry_after()
-            )
+        self._check_loaded(log)
         if after is None:
             log.expire()
             position, gap = log.first - 1, None
@@ -669,14 +799,9 @@ class Hub:
             self.dropped += gap.lost
         events = log.read_after(position, allowed)
         assert not isinstance(events, Gap)  # resolve() just placed us within the log
-        for bucket in (client.bucket, self.global_bucket):
-            if bucket is not None and events:
-                bucket.consume(now, len(events))
+        self._polled(client, events, now)
         if events:
             position = events[-1].seq
-            self.sent += len(events)
-            for entry in events:
-                self.write_latency.observe(now - entry.published_at)
         record = client.record(topic, log, position)
         record.sent = record.acked = max(record.sent, position)
         resume_stream = log.head - position <= self.config.lag_limit // 2
@@ -690,6 +815,115 @@ class Hub:
             reset=gap is not None,
             resume_stream=resume_stream,
         )
+
+    def poll_many(
+        self,
+        topics: Iterable[str],
+        *,
+        client_id: str | None,
+        after: str | None,
+        limit: int = 100,
+    ) -> PollResult:
+        """`poll` for a stream of several topics: *after* is a composite id.
+
+        The events come interleaved as on the stream, each with its topic (they are
+        ``Delivery`` entries) and a composite id. ``reset`` is set when any topic's
+        events after *after* were no longer retained; ``resume_stream`` when the client
+        is at most half the lag limit behind on every topic.
+
+        Raises:
+            LocalProtocolError: Bad topics or a bad client id.
+            ValueError: *limit* is not positive.
+            RateLimitedError: The client's (or the hub's) bucket is empty.
+            TopicLimitError: A topic is new and the hub holds ``max_topics`` already.
+        """
+        from ._several import Cursor, interleave, topic_set
+
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit!r}")
+        cursor = Cursor(topic_set(topics))
+        client = self._client(client_id)
+        held = [self._topic(name) for name in cursor.topics]
+        client.remember(cursor)
+        now = trio.current_time()
+        allowed = self._poll_allowance(client, limit, now)
+        logs = [t.log for t in held]
+        for log in logs:
+            self._check_loaded(log)
+        if after is None:
+            for log in logs:
+                log.expire()
+            positions = [log.first - 1 for log in logs]
+            reset = False
+        else:
+            resumes = cursor.resolve(logs, after)
+            positions = [resume.position for resume in resumes]
+            gaps = [resume.gap for resume in resumes if resume.gap is not None]
+            self.dropped += sum(gap.lost for gap in gaps)
+            reset = bool(gaps)
+        parts = [log.cursor_id(p) for log, p in zip(logs, positions, strict=True)]
+        events: list[Entry] = []
+        while len(events) < allowed:
+            got = interleave(cursor, logs, positions, parts, allowed - len(events), len(events))
+            if isinstance(got, tuple):  # expired while we read: cannot happen within one call
+                self.dropped += got[1].lost
+                reset = True
+                continue
+            if not got:
+                break
+            events += got
+        self._polled(client, events, now)
+        lag_limit = self.config.lag_limit
+        for t, position in zip(held, positions, strict=True):
+            record = client.record(t.name, t.log, position)
+            record.sent = record.acked = max(record.sent, position)
+        resume_stream = all(
+            log.head - position <= lag_limit // 2
+            for log, position in zip(logs, positions, strict=True)
+        )
+        if resume_stream and cursor.key in client.paused:
+            del client.paused[cursor.key]
+            if self.config.backend is not None:
+                self.config.backend.share_pause(cursor.key, client.id, None, paused=False)
+        return PollResult(
+            events=events,
+            last_event_id=events[-1].id if events else after,
+            reset=reset,
+            resume_stream=resume_stream,
+        )
+
+    def _poll_allowance(self, client: _Client, limit: int, now: float) -> int:
+        """How many events a poll may return (at most *limit*), by the client's buckets.
+
+        Raises:
+            RateLimitedError: A bucket is empty.
+        """
+        allowed = limit
+        for bucket in (client.bucket, self.global_bucket):
+            if bucket is not None:
+                allowed = min(allowed, bucket.available(now))
+                if not allowed:  # the transport counts the signal it sends (429)
+                    raise RateLimitedError(
+                        "rate limit: poll later", retry_after=bucket.ready_at(now) - now
+                    )
+        return allowed
+
+    def _check_loaded(self, log: MemoryLog) -> None:
+        if not log.ready:
+            raise LimitExceededError(
+                f"topic {log.topic!r} is loading: poll again", retry_after=self._retry_after()
+            )
+
+    def _polled(self, client: _Client, events: list[Entry], now: float) -> None:
+        """Take the tokens of the events a poll returns; count them as sent."""
+        if not events:
+            return
+        for bucket in (client.bucket, self.global_bucket):
+            if bucket is not None:
+                bucket.consume(now, len(events))
+        self.sent += len(events)
+        for entry in events:
+            self.write_latency.observe(now - entry.published_at)
 
     # -- housekeeping -----------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import trio
 
-from ._asgi import _HTTPError, _Request, poll_url
+from ._asgi import _HTTPError, _Request, pause_data, reset_data
 from ._core._errors import NotSentError, UnknownClientError
 
 if TYPE_CHECKING:
@@ -102,8 +102,9 @@ class _WebSocketSink:
     """
 
     send: Send
-    topic: str
+    topics: tuple[str, ...]
     client_id: str
+    several: bool = False
     sending: bool = False
     written: trio.Event = attrs.field(factory=trio.Event)
 
@@ -127,17 +128,15 @@ class _WebSocketSink:
         await trio.lowlevel.checkpoint()
 
     async def send_reset(self, gap: Gap) -> None:
-        """``{"type": "reset", "reason": ..., "last_event_id": ...}``."""
-        await self._text(
-            json.dumps(
-                {"type": "reset", "reason": gap.reason, "last_event_id": gap.last_event_id},
-                ensure_ascii=False,
-            )
-        )
+        """``{"type": "reset", "reason": ..., "last_event_id": ...}`` (and ``"topic"``)."""
+        await self._text(json.dumps({"type": "reset", **reset_data(gap)}, ensure_ascii=False))
 
-    async def send_pause(self, after: str | None, retry_after: float) -> None:
+    async def send_pause(
+        self, after: str | None, retry_after: float, *, topic: str | None = None
+    ) -> None:
         """``{"type": "pause", "poll_url": ..., "retry_after_ms": ...}``; the caller closes."""
-        await self._text(_pause_text(poll_url(self.topic, after, self.client_id), retry_after))
+        data = pause_data(self.topics, after, self.client_id, retry_after, self.several, topic)
+        await self._text(json.dumps({"type": "pause", **data}, ensure_ascii=False))
 
 
 def _pause_text(url: str, retry_after: float) -> str:
@@ -152,20 +151,27 @@ def _reason(text: str) -> str:
     return text.encode()[:_MAX_REASON].decode("utf-8", "ignore")
 
 
-def _topic_of(app: App, scope: Scope) -> str:
-    """The topic of ``/streams/{topic}``; the path is split as `App` splits it."""
+def _topics_of(app: App, request: _Request) -> tuple[tuple[str, ...], bool]:
+    """The topics of ``/streams/{topic}`` or ``/streams?topic=a&topic=b``, and whether
+    it is the latter (a stream of several); the path is split as `App` splits it."""
+    scope = request.scope
     path: str = scope.get("path", "")
     raw_path = scope.get("raw_path")
     if raw_path is None:
         parts = path.split("/")
     else:  # before percent-decoding: `/streams/a%2Fb` names the topic "a/b" (invalid)
         parts = [unquote(part) for part in bytes(raw_path).decode("latin-1").split("/")]
-    if len(parts) == 3 and parts[1] == "streams" and parts[2]:
-        return app._topic(parts[2])
-    raise _HTTPError(404, f"no WebSocket stream at {path[:200]}: use /streams/{{topic}}")
+    if len(parts) == 2 and parts[1] == "streams":
+        return app._topics(request), True
+    if len(parts) == 3 and parts[1] == "streams" and parts[2] and not parts[2].startswith("_"):
+        return (app._topic(parts[2]),), False
+    raise _HTTPError(
+        404,
+        f"no WebSocket stream at {path[:200]}: use /streams/{{topic}} or /streams?topic=...",
+    )
 
 
-def _parse_ack(text: str, topic: str) -> tuple[str, float | None]:
+def _parse_ack(text: str, topics: tuple[str, ...]) -> tuple[str, float | None]:
     """The event id and utilization of an ack message.
 
     Raises:
@@ -186,8 +192,8 @@ def _parse_ack(text: str, topic: str) -> tuple[str, float | None]:
         isinstance(utilization, bool) or not isinstance(utilization, int | float)
     ):
         raise _BadMessage(POLICY_VIOLATION, "'buffer_utilization' must be a number 0.0-1.0")
-    if "topic" in body and body["topic"] != topic:
-        raise _BadMessage(POLICY_VIOLATION, f"this stream carries topic {topic!r} only")
+    if "topic" in body and body["topic"] not in topics:
+        raise _BadMessage(POLICY_VIOLATION, f"this stream carries topics {list(topics)!r} only")
     return event_id, None if utilization is None else float(utilization)
 
 
@@ -197,7 +203,8 @@ class _Session:
 
     app: App
     connection: Connection
-    topic: str
+    topics: tuple[str, ...]
+    several: bool
     receive: Receive
     send: Send
     sink: _WebSocketSink
@@ -259,7 +266,7 @@ class _Session:
             try:
                 if text is None:
                     raise _BadMessage(UNSUPPORTED_DATA, "binary messages are not supported")
-                await self._ack(*_parse_ack(text, self.topic))
+                await self._ack(*_parse_ack(text, self.topics))
             except _BadMessage as bad:
                 # Free the place at once, even if a write to this client never completes.
                 self.connection.close()
@@ -271,12 +278,19 @@ class _Session:
         hub, connection, sink = self.app.hub, self.connection, self.sink
         for attempt in range(2):
             try:
-                hub.ack(
-                    self.topic,
-                    client_id=connection.client_id,
-                    last_event_id=event_id,
-                    buffer_utilization=utilization,
-                )
+                if self.several:
+                    hub.ack_many(
+                        client_id=connection.client_id,
+                        last_event_id=event_id,
+                        buffer_utilization=utilization,
+                    )
+                else:
+                    hub.ack(
+                        self.topics[0],
+                        client_id=connection.client_id,
+                        last_event_id=event_id,
+                        buffer_utilization=utilization,
+                    )
             except (NotSentError, UnknownClientError) as error:
                 if attempt == 0 and sink.sending:
                     # The event may be out already, its batch not yet recorded as sent.
@@ -336,9 +350,9 @@ async def serve_websocket(app: App, scope: Scope, receive: Receive, send: Send) 
     try:
         try:
             request = _Request(scope, receive, send)
-            topic = _topic_of(app, scope)
-            grant = await app._authorize(request, "stream", (topic,))
-            connection = app._connect(request, topic, grant)
+            topics, several = _topics_of(app, request)
+            grant = await app._authorize(request, "stream", topics)
+            connection = app._connect(request, topics, grant, several=several)
         except _HTTPError as error:
             url = error.extra.get("poll_url") if error.status == 429 else None
             if isinstance(url, str) and request is not None:
@@ -355,8 +369,10 @@ async def serve_websocket(app: App, scope: Scope, receive: Receive, send: Send) 
                 return
             accepted = True
             await _accept(send, connection.client_id)
-            sink = _WebSocketSink(send, topic, connection.client_id)
-            session = _Session(app, connection, topic, receive, send, sink, app._expiry(grant))
+            sink = _WebSocketSink(send, topics, connection.client_id, several)
+            session = _Session(
+                app, connection, topics, several, receive, send, sink, app._expiry(grant)
+            )
             await session.run()
     except Exception:
         logger.exception("unexpected error serving WebSocket %s", scope.get("path"))

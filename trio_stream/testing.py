@@ -37,6 +37,7 @@ class RecordingSink:
     write_delay: float = 0.0
     stuck: bool = False
     writes: list[Written] = attrs.field(factory=list)
+    paused_topic: str | None = None
 
     async def _write(
         self,
@@ -64,8 +65,11 @@ class RecordingSink:
         """Record a reset."""
         await self._write("reset", detail=gap)
 
-    async def send_pause(self, after: str | None, retry_after: float) -> None:
-        """Record a pause."""
+    async def send_pause(
+        self, after: str | None, retry_after: float, *, topic: str | None = None
+    ) -> None:
+        """Record a pause (``detail`` is *after*; ``topic`` the topic that lagged)."""
+        self.paused_topic = topic
         await self._write("pause", detail=after)
 
     @property

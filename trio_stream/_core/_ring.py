@@ -35,9 +35,28 @@ class Entry:
     wire: bytes
     """The SSE framing, ``id:`` line included: what every stream writes."""
     published_at: float
+    order: int = 0
+    """Where the hub accepted it among the events of every topic (interleaving order)."""
     _json: str | None = None
+    _tagged: bytes | None = None
     trace_context: object = None
     """The publish span's context, when tracing is on."""
+
+    def tagged(self, topic: str) -> bytes:
+        """The wire form without its ``id:`` line, the event named ``<topic>[/<name>]``.
+
+        What a stream of several topics writes after its own ``id:`` line. Made on
+        first use, then kept: every such stream of the topic shares it.
+        """
+        if self._tagged is None:
+            wire = self.wire
+            rest = wire[wire.index(b"\n") + 1 :] if wire.startswith(b"id:") else wire
+            name = topic.encode()
+            if self.event.event is None:
+                self._tagged = b"event: " + name + b"\n" + rest
+            else:  # `rest` starts with "event: <name>"
+                self._tagged = b"event: " + name + b"/" + rest[len(b"event: ") :]
+        return self._tagged
 
     @property
     def json(self) -> str:
@@ -64,12 +83,14 @@ class Gap:
         last_event_id: The id asked for.
         lost: Events known to be lost (0 when the reason is ``"unknown"``).
         position: Where reading continues: just before the oldest retained event.
+        topic: The topic it is on, on a stream of several topics (else ``None``).
     """
 
     reason: Literal["expired", "unknown"]
     last_event_id: str
     lost: int
     position: int
+    topic: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -128,6 +149,10 @@ class Ring:
     def id_of(self, position: int) -> str | None:
         """The id of the event at *position* (``None`` for 0): retained or not."""
         return f"{self.epoch}-{position:0{_SEQ_DIGITS}x}" if position > 0 else None
+
+    def cursor_id(self, position: int) -> str:
+        """An id that resumes after *position*, retained or not, 0 included."""
+        return f"{self.epoch}-{position:0{_SEQ_DIGITS}x}"
 
     def entry(self, position: int) -> Entry | None:
         """The retained entry at *position*, if any."""

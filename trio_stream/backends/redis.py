@@ -42,7 +42,7 @@ from coredis.tokens import PureToken
 
 from .._core._events import Event, encode
 from .._core._ring import Entry, Resume, Ring
-from .._log import BackendUnavailableError, MemoryLog
+from .._log import BackendUnavailableError, MemoryLog, acceptance
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -141,6 +141,9 @@ class _RedisRing(Ring):
             return None
         entry = self.entry(position)
         return entry.id if entry is not None else f"0-{max(0, position - self.base)}"
+
+    def cursor_id(self, position: int) -> str:
+        return self.id_of(position) or "0-0"
 
     def parse(self, event_id: str) -> int | None:
         _, n = _split_id(event_id)
@@ -379,6 +382,7 @@ class RedisLog(MemoryLog):
                     published_at=ms / 1000 + self._offset,
                 )
             )
+            acceptance.stamp(batch[-1:])
             self._last_id = event_id
         ring.extend(batch)
         self.published += len(batch)
