@@ -429,7 +429,9 @@ class App:
             plain = partial(self._demo_config, request)
         elif len(parts) == 2 and parts[1] == "streams":
             return {"GET": partial(self._stream_many, request)}
-        elif len(parts) == 3 and parts[1] == "streams" and parts[2].startswith("_"):
+        elif len(parts) >= 3 and parts[1] == "streams" and parts[2].startswith("_"):
+            if len(parts) > 3:
+                raise _HTTPError(404, f"no such path: {path[:200]}")
             if parts[2] == "_poll":
                 return {"GET": partial(self._poll_many, request)}
             if parts[2] == "_ack":

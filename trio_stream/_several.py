@@ -127,7 +127,7 @@ class Cursor:
             parts = None
         resumes = []
         for index, log in enumerate(logs):
-            resume = log.resolve(composite if parts is None else parts[index])
+            resume = log.resolve("" if parts is None else parts[index])  # "": unknown
             if resume.gap is not None:
                 gap = attrs.evolve(resume.gap, last_event_id=composite, topic=self.topics[index])
                 resume = Resume(position=resume.position, gap=gap)
