@@ -248,6 +248,10 @@ class Hub:
     connections: int = attrs.field(default=0, init=False)
     awaiting_acks: set[Connection] = attrs.field(factory=set, init=False)
     """Streams waiting for an ack (woken by `beat` to send heartbeats meanwhile)."""
+    owing: set[Connection] = attrs.field(factory=set, init=False)
+    """Streams that owe progress (a write, acks): `beat` arms their idle deadline."""
+    ticking: bool = attrs.field(default=False, init=False)
+    """Whether the hub's clock runs (`run_housekeeping`)."""
     published: int = attrs.field(default=0, init=False)
     sent: int = attrs.field(default=0, init=False)
     dropped: int = attrs.field(default=0, init=False)
@@ -955,22 +959,35 @@ class Hub:
         Streams keep no timer of their own for heartbeats (a timer per stream costs a
         cancel scope and a deadline per write): every ``heartbeat_interval / 4`` this
         wakes the streams that wait, and those idle for ``heartbeat_interval`` send one.
+        It also arms the idle deadline of streams whose write (or ack) is overdue, at
+        most a quarter of ``idle_timeout`` after it began: exact, and no deadline per write.
         """
-        tick = min(HOUSEKEEPING_INTERVAL, self.config.heartbeat_interval / 4)
+        cfg = self.config
+        tick = min(HOUSEKEEPING_INTERVAL, cfg.heartbeat_interval / 4, cfg.idle_timeout / 4)
         next_housekeeping = trio.current_time() + HOUSEKEEPING_INTERVAL
-        while True:
-            await trio.sleep(tick)
-            self.beat()
-            if trio.current_time() >= next_housekeeping:
-                next_housekeeping += HOUSEKEEPING_INTERVAL
-                self.housekeep()
+        self.ticking = True
+        try:
+            while True:
+                await trio.sleep(tick)
+                self.beat()
+                if trio.current_time() >= next_housekeeping:
+                    next_housekeeping += HOUSEKEEPING_INTERVAL
+                    self.housekeep()
+        finally:
+            self.ticking = False
+            for connection in list(self.owing):  # on their own again
+                connection.arm_idle_deadline()
+            self.owing.clear()
 
     def beat(self) -> None:
-        """Wake every waiting stream so that idle ones send their heartbeat."""
+        """Wake every waiting stream so that idle ones send their heartbeat; arm the idle
+        deadline of streams that owe progress since the last beat."""
         for topic in self._topics.values():
             topic.log.poke()
         for connection in list(self.awaiting_acks):
             connection.poke()
+        for connection in self.owing:
+            connection.arm_idle_deadline()
 
     def health(self) -> str | None:
         """What keeps the hub from working fully now (``None`` when all is well)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
-from ._connection import HEARTBEAT, Connection, _Item
+from ._connection import HEARTBEAT, Connection, _Item, hand_over
 from ._core._errors import LocalProtocolError
 from ._core._names import check_topic
 from ._core._ring import Entry, Gap, Resume
@@ -238,7 +238,7 @@ class _Lane:
         self.connection.on_lag()
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)  # checked once, at init: fast
 class MultiConnection(Connection):
     """One client's stream of several topics; made by `Hub.connect_many`.
 
@@ -337,10 +337,10 @@ class MultiConnection(Connection):
                                 for delivery in got:
                                     self._unacked[delivery.id] = delivery.seq
                                 self._unacked_order.extend(d.id for d in got)
-                            await batches.send(list[Entry](got))
+                            await hand_over(batches, list[Entry](got))
                             self._last_write = trio.current_time()  # on its way: not idle
                         elif self._heartbeat_due():
-                            await batches.send(HEARTBEAT)
+                            await hand_over(batches, HEARTBEAT)
                             self._last_write = trio.current_time()
                         else:
                             await wait_any_after(logs, positions)  # or the hub's beat

@@ -260,6 +260,45 @@ async def test_stream_stuck_writer_times_out_alone(autojump_clock: object) -> No
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("clock", [False, True], ids=["bare hub", "hub clock running"])
+async def test_stream_idle_timeout_is_exact_with_or_without_the_hub_clock(
+    autojump_clock: object, clock: bool
+) -> None:
+    """The hub's clock arms the idle deadline of overdue writes only (no deadline per
+    write): the stream must still end exactly ``idle_timeout`` after its write began."""
+    hub = Hub(config(idle_timeout=5.0, heartbeat_interval=100.0))
+    ended: list[float] = []
+
+    async def run(conn: Connection, sink: RecordingSink) -> None:
+        await conn.run(sink)
+        ended.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        if clock:
+            await nursery.start(hub.run_housekeeping)
+        for _ in range(3):  # writes that complete keep it alive, however many
+            fine = hub.connect("t", client_id="fine")
+            nursery.start_soon(run, fine, RecordingSink(write_delay=0.3))
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(40):
+                hub.publish_nowait("t", events(1))
+                await trio.sleep(0.5)
+            assert fine.state == "open"
+            fine.close()
+        stuck = hub.connect("t", client_id="stuck")
+        nursery.start_soon(run, stuck, RecordingSink(stuck=True))
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.37)
+        began = trio.current_time()
+        hub.publish_nowait("t", events(1))
+        await trio.sleep(10)
+        assert stuck.state == "idle"
+        assert ended[-1] == pytest.approx(began + 5.0)
+        assert hub.connections == 0
+        assert not hub.owing
+        nursery.cancel_scope.cancel()
+
+
 async def test_stream_heartbeat_after_idleness(autojump_clock: object) -> None:
     hub = Hub(config(heartbeat_interval=2.0))
     sink = RecordingSink()

@@ -52,7 +52,7 @@ def _at_least_one(instance: object, attribute: attrs.Attribute[int], value: int)
         raise ValueError(f"{attribute.name} must be an integer of at least 1, got {value!r}")
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)  # checked once, at init: fast
 class TokenBucket:
     """A token bucket in GCRA form: *burst* events back to back, then *rate* per second.
 
@@ -139,7 +139,7 @@ class TokenBucket:
         self._tat = -INFINITY
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)  # checked once, at init: fast
 class SlidingWindow:
     """At most *limit* events in any window of *period* seconds (an exact sliding log).
 
@@ -195,7 +195,7 @@ class SlidingWindow:
         self._count += n
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)  # checked once, at init: fast
 class CreditWindow:
     """The ack window: at most *size* events sent beyond the last acknowledged one.
 
