@@ -1,12 +1,14 @@
 """Benchmarks of issue 5: trio_stream against sse-starlette on uvicorn, side by side.
 
     python -m benchmarks [--smoke] [--runs 3] [--only throughput,fanout,idle,slow]
-                         [--servers trio_stream,sse_starlette]
+                         [--servers trio_stream,sse_starlette,trio_stream_redis1,...]
 
 Each selected workload runs on each server in turn, ``--runs`` times (a fresh server
 process every time); every measurement is appended to ``benchmarks/results/<time>.jsonl``
 as it completes, and a Markdown table of medians and ratios is printed at the end. The
-exit status is 1 if any measurement failed or saw a problem.
+fan-out workloads also run on trio_stream's Redis backend, with one and with two server
+processes (``trio_stream_redis1``, ``trio_stream_redis2``), in a second table beside the
+memory backend. The exit status is 1 if any measurement failed or saw a problem.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._harness import OTHER_LOAD_WARNING, RAW, SERVERS, run_case, wait_for_quiet, workloads
+from ._harness import (
+    ALL_SERVERS,
+    OTHER_LOAD_WARNING,
+    RAW,
+    REDIS_SERVERS,
+    SERVERS,
+    redis_server_binary,
+    run_case,
+    wait_for_quiet,
+    workloads,
+)
 
 GROUPS = ("throughput", "fanout", "idle", "slow")
-NAMES = {"trio_stream": "trio_stream", "sse_starlette": "sse-starlette", RAW: "raw writer"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 3, smoke 1)")
     parser.add_argument("--only", default=",".join(GROUPS), help="workloads, comma-separated")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="servers, comma-separated")
+    parser.add_argument(
+        "--servers",
+        help="servers, comma-separated (default: all; the Redis ones only with redis-server)",
+    )
     parser.add_argument("--no-raw", action="store_true", help="skip the load-client check")
     parser.add_argument(
         "--client-procs", type=int, default=1, help="load clients for ≥1000 streams"
@@ -48,11 +62,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    for option, allowed in (("only", GROUPS), ("servers", SERVERS)):
+    have_redis = redis_server_binary() is not None
+    if args.servers is None:
+        args.servers = ",".join(ALL_SERVERS if have_redis else SERVERS)
+        if not have_redis:
+            print(
+                "redis-server not found: the Redis variants are left out "
+                "(./.ci/system-deps installs it)",
+                file=sys.stderr,
+            )
+    for option, allowed in (("only", GROUPS), ("servers", ALL_SERVERS)):
         chosen = [x for x in getattr(args, option).split(",") if x]
         if not chosen or set(chosen) - set(allowed):
             parser.error(f"--{option}: choose from {', '.join(allowed)}")
         setattr(args, option, chosen)
+    if set(args.servers) & set(REDIS_SERVERS) and not have_redis:
+        parser.error("the Redis variants need redis-server (./.ci/system-deps installs it)")
     if args.runs is None:
         args.runs = 1 if args.smoke else 3
     if args.quiet_wait is None:
@@ -122,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     out.flush()
                     records.append(record)
     print(table(records))
+    if any(r["server"] in REDIS_SERVERS for r in records):
+        print("\n" + backend_table(records))
     print(f"\nresults: {path}")
     return 0 if all(r["ok"] for r in records) else 1
 
@@ -246,6 +273,48 @@ def table(records: list[dict[str, Any]]) -> str:
             f"{len(loaded)} of {len(loads)} measurements shared the machine with other work "
             f"(up to {max(loaded):.2f} cores used by other processes): treat them with care."
         )
+    return "\n".join(lines)
+
+
+def backend_table(records: list[dict[str, Any]]) -> str:
+    """trio_stream's fan-out on the memory backend against Redis, one and two processes."""
+    m = medians(records)
+    params = {r["workload"]: r["params"] for r in records}
+    columns = ("trio_stream", *REDIS_SERVERS)
+    rows = [  # workload, metric label, metric
+        ("fanout", "deliveries/s", "events_per_s"),
+        ("fanout", "trio-stream CPU µs/delivery, all processes", "server_cpu_us_per_event"),
+        ("fanout", "trio-stream CPU, cores, all processes", "server_cpu_frac"),
+        ("fanout", "redis-server CPU, cores", "redis_cpu_frac"),
+        ("fanout", "load client CPU, cores", "client_cpu_frac"),
+        ("fanout_latency", "p50 latency ms", "latency_p50_ms"),
+        ("fanout_latency", "p99 latency ms", "latency_p99_ms"),
+    ]
+    lines = [
+        "| workload | metric | memory, 1 process | Redis, 1 process | Redis, 2 processes "
+        "| 2 processes / memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, label, metric in rows:
+        if workload not in params:
+            continue
+        streams = params[workload]["streams"]
+        name = (
+            f"fan-out, {streams} streams"
+            if workload == "fanout"
+            else f"fan-out at {fmt(params[workload]['rate'])} events/s"
+        )
+        values = [m.get((workload, server, metric)) for server in columns]
+        memory, two = values[0], values[-1]
+        shown = f"{two / memory:.2f}x" if two is not None and memory else ""
+        if metric == "redis_cpu_frac":
+            shown = ""
+        lines.append(f"| {name} | {label} | " + " | ".join(map(fmt, values)) + f" | {shown} |")
+    lines.append("")
+    lines.append(
+        "Redis: one redis-server for the measurement; with 2 processes the streams are split "
+        "evenly between them and the publisher posts to the first."
+    )
     return "\n".join(lines)
 
 

@@ -5,6 +5,12 @@ RLIMIT_NOFILE raised and a parent-death signal, tracked in an ``ExitStack`` and 
 its own process group id whatever happens (error, timeout, Ctrl-C). Agents are driven by
 the protocol of ``benchmarks._wire``: all of them get the same wall-clock schedule, and
 the harness samples the server's CPU time and RSS from ``/proc`` at the window's edges.
+
+The Redis variants (``trio_stream_redis1``, ``trio_stream_redis2``) start their own
+redis-server (a free loopback port, a temporary directory, no persistence) and one or two
+``trio-stream serve --backend redis://…`` processes; the streams are split evenly between
+the processes, the publisher publishes to the first, and the server figures add up the
+processes (Redis's own CPU is reported apart).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from ._wire import Histogram, raise_nofile_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("trio_stream", "sse_starlette")
+# trio_stream on the Redis backend: server name -> `trio-stream serve` processes, all
+# sharing one redis-server started for the measurement.
+REDIS_SERVERS = {"trio_stream_redis1": 1, "trio_stream_redis2": 2}
+ALL_SERVERS = (*SERVERS, *REDIS_SERVERS)
 RAW = "raw_writer"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
@@ -107,6 +117,7 @@ def workloads(smoke: bool, client_procs: int) -> list[Workload]:
     fanout = Workload(
         name="fanout",
         group="fanout",
+        servers=ALL_SERVERS,
         streams=many,
         publisher="fast",
         batch=10,
@@ -157,6 +168,8 @@ def workloads(smoke: bool, client_procs: int) -> list[Workload]:
             rate=5,
             latency=True,
             raw_check=False,
+            # The smoke runs the Redis variants once (fan-out), to stay within seconds.
+            servers=SERVERS if s else ALL_SERVERS,
         ),
         Workload(
             name="idle",
@@ -254,11 +267,47 @@ class Process:
             self._log.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (all held at once while chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def redis_server_binary() -> str | None:
+    """The path of redis-server, or ``None`` (``./.ci/system-deps`` installs it)."""
+    found = shutil.which("redis-server")
+    if found is None and os.access("/usr/bin/redis-server", os.X_OK):
+        found = "/usr/bin/redis-server"
+    return found
+
+
+def redis_command(port: int, directory: Path) -> list[str]:
+    """A redis-server on 127.0.0.1:``port`` that keeps nothing on disk."""
+    binary = redis_server_binary()
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (./.ci/system-deps installs it)")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    return [*argv, "--save", "", "--appendonly", "no"]
+
+
+def wait_redis(redis: Process, port: int, timeout: float) -> None:
+    """Return once the redis-server answers PING."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if redis.popen.poll() is not None:
+            raise RuntimeError(f"redis-server exited:\n{redis.log_tail()}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64).startswith(b"+PONG"):
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"redis-server not answering after {timeout} s\n{redis.log_tail()}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -329,11 +378,15 @@ def trio_stream_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from trio_stream._cli import main; sys.exit(main())"]
 
 
-def server_command(server: str, port: int, workload: Workload) -> list[str]:
+def server_command(
+    server: str, port: int, workload: Workload, *, backend: str | None = None
+) -> list[str]:
     where = ["--host", "127.0.0.1", "--port", str(port)]
-    if server == "trio_stream":
+    if server == "trio_stream" or server in REDIS_SERVERS:
         options = {**TRIO_STREAM_OPTIONS, "--heartbeat": str(workload.heartbeat)}
         options.update(workload.trio_options)
+        if backend is not None:
+            options["--backend"] = backend
         return [*trio_stream_command(), "serve", *where, *(x for kv in options.items() for x in kv)]
     if server == "sse_starlette":
         module = ["-m", "benchmarks.reference_starlette", "--heartbeat", str(workload.heartbeat)]
@@ -347,8 +400,14 @@ def server_command(server: str, port: int, workload: Workload) -> list[str]:
 # --- one measurement ---
 
 
-def client_commands(workload: Workload, port: int, shm: str, timeout: float) -> list[list[str]]:
-    """The load-client processes' command lines: streams (and slow ones) split evenly."""
+def client_commands(
+    workload: Workload, ports: list[int], shm: str, timeout: float
+) -> list[list[str]]:
+    """The load-client processes' command lines: streams (and slow ones) split evenly.
+
+    With several ``ports`` (server processes), each client spreads its streams over them.
+    """
+    port = ",".join(map(str, ports))
     commands = []
     per_proc = -(-workload.streams // workload.client_procs)
     slow_left = workload.slow
@@ -392,46 +451,79 @@ def run_case(
             stack.callback(process.stop)
             return process
 
-        port = free_port()
-        srv = start(server, server_command(server, port, workload))
+        processes = REDIS_SERVERS.get(server, 1)
+        *ports, redis_port = free_ports(processes + 1)
+        watched: list[Process] = []  # whose logs an error shows
         try:
-            wait_healthy(srv, port, 30.0)
-            if server != RAW:  # touch the stream path once before measuring
-                with contextlib.suppress(OSError):
-                    http_get(port, "/streams/warmup")
+            redis: Process | None = None
+            backend: str | None = None
+            if server in REDIS_SERVERS:
+                directory = Path(tempfile.mkdtemp(prefix="redis-", dir=logdir))
+                redis = start("redis-server", redis_command(redis_port, directory))
+                watched.append(redis)
+                wait_redis(redis, redis_port, 10.0)
+                backend = f"redis://127.0.0.1:{redis_port}/0"
+            srvs = []
+            for i, port in enumerate(ports):
+                argv = server_command(server, port, workload, backend=backend)
+                srvs.append(start(server if processes == 1 else f"{server}-{i}", argv))
+            watched[:0] = srvs
+            for srv, port in zip(srvs, ports, strict=True):
+                wait_healthy(srv, port, 30.0)
+                if server != RAW:  # touch the stream path once before measuring
+                    with contextlib.suppress(OSError):
+                        http_get(port, "/streams/warmup")
             time.sleep(0.2)
-            rss_before = rss_kb(srv.pid)
+            rss_before = sum(rss_kb(srv.pid) for srv in srvs)
 
             shm = ""
             if workload.publisher == "fast":  # the clients' flow-control slots
                 fd, shm = tempfile.mkstemp(prefix="slots-", dir=logdir)
                 os.write(fd, bytes(8 * workload.client_procs))
                 os.close(fd)
-            commands = client_commands(workload, port, shm, connect_timeout)
+            commands = client_commands(workload, ports, shm, connect_timeout)
             clients = [start(f"client{i}", argv, pipes=True) for i, argv in enumerate(commands)]
             ready_by = time.monotonic() + connect_timeout + 15
             readies = [client.receive(ready_by) for client in clients]
             publishers = []
             if workload.publisher != "none" and server != RAW:
-                publishers.append(
-                    start("publisher", publisher_command(workload, port, shm), pipes=True)
-                )
+                # With several processes, all publishing goes to the first.
+                argv = publisher_command(workload, ports[0], shm)
+                publishers.append(start("publisher", argv, pipes=True))
                 publishers[0].receive(time.monotonic() + 15)
-            return measure(workload, srv.pid, clients, publishers, readies, rss_before)
+            pids = [srv.pid for srv in srvs]
+            redis_pid = None if redis is None else redis.pid
+            return measure(workload, pids, redis_pid, clients, publishers, readies, rss_before)
         except Exception as exc:
-            raise RuntimeError(f"{exc}\n--- {server} log:\n{srv.log_tail(1000)}") from exc
+            logs = "".join(f"\n--- {p.name} log:\n{p.log_tail(1000)}" for p in watched)
+            raise RuntimeError(f"{exc}{logs}") from exc
     raise AssertionError("unreachable")  # for mypy: an ExitStack may swallow exceptions
 
 
 def measure(
     workload: Workload,
-    pid: int,
+    pids: list[int],
+    redis_pid: int | None,
     clients: list[Process],
     publishers: list[Process],
     readies: list[dict[str, Any]],
     rss_before: int,
 ) -> dict[str, Any]:
-    """Send the schedule to the agents, sample the server, collect the reports."""
+    """Send the schedule to the agents, sample the server, collect the reports.
+
+    The server's CPU time and RSS are the sums over its processes (``pids``); Redis's
+    CPU time (``redis_pid``) is measured apart.
+    """
+
+    def server_cpu() -> float:
+        return sum(cpu_seconds(pid) for pid in pids)
+
+    def redis_cpu() -> float:
+        return 0.0 if redis_pid is None else cpu_seconds(redis_pid)
+
+    def rss() -> int:
+        return sum(rss_kb(pid) for pid in pids)
+
     start_at = time.time() + 0.3
     window_start = start_at + workload.warmup
     window_end = window_start + workload.duration
@@ -445,14 +537,14 @@ def measure(
         agent.send(schedule)
 
     time.sleep(max(0.0, window_start - time.time()))
-    cpu0, machine0, t0 = cpu_seconds(pid), machine_cpu_seconds(), time.time()
-    series = [(0.0, rss_kb(pid))]
+    cpu0, redis0, machine0, t0 = server_cpu(), redis_cpu(), machine_cpu_seconds(), time.time()
+    series = [(0.0, rss())]
     while workload.rss_interval and time.time() + workload.rss_interval < window_end:
         time.sleep(workload.rss_interval)
-        series.append((round(time.time() - t0, 3), rss_kb(pid)))
+        series.append((round(time.time() - t0, 3), rss()))
     time.sleep(max(0.0, window_end - time.time()))
-    cpu1, machine1, t1 = cpu_seconds(pid), machine_cpu_seconds(), time.time()
-    series.append((round(t1 - t0, 3), rss_kb(pid)))
+    cpu1, redis1, machine1, t1 = server_cpu(), redis_cpu(), machine_cpu_seconds(), time.time()
+    series.append((round(t1 - t0, 3), rss()))
 
     done_by = time.monotonic() + 30
     return summarize(
@@ -461,6 +553,8 @@ def measure(
         [client.receive(done_by) for client in clients],
         [publisher.receive(done_by) for publisher in publishers],
         server_cpu=cpu1 - cpu0,
+        redis_cpu=None if redis_pid is None else redis1 - redis0,
+        server_processes=len(pids),
         machine_cpu=machine1 - machine0,
         seconds=t1 - t0,
         rss_before=rss_before,
@@ -475,6 +569,8 @@ def summarize(
     published: list[dict[str, Any]],
     *,
     server_cpu: float,
+    redis_cpu: float | None,
+    server_processes: int,
     machine_cpu: float,
     seconds: float,
     rss_before: int,
@@ -509,12 +605,20 @@ def summarize(
     }
     if events:
         metrics["server_cpu_us_per_event"] = round(server_cpu / events * 1e6, 2)
+    if server_processes > 1:
+        metrics["server_processes"] = server_processes
+        columns = zip(*(r["window_events_by_port"] for r in results), strict=True)
+        metrics["events_per_s_by_process"] = [round(sum(c) / window, 1) for c in columns]
+    if redis_cpu is not None:
+        metrics["redis_cpu_frac"] = round(redis_cpu / seconds, 3)
+        if events:
+            metrics["redis_cpu_us_per_event"] = round(redis_cpu / events * 1e6, 2)
     if workload.ack:
         metrics["acks"] = sum(r["acks"] for r in results)
         metrics["ack_reconnects"] = sum(r["ack_reconnects"] for r in results)
         if metrics["ack_reconnects"]:
             warnings.append(f"ack connections reconnected {metrics['ack_reconnects']} times")
-    ours = server_cpu + sum(r["cpu_seconds"] for r in results + published)
+    ours = server_cpu + (redis_cpu or 0.0) + sum(r["cpu_seconds"] for r in results + published)
     metrics["other_cpu_frac"] = round(max(0.0, machine_cpu - ours) / seconds, 3)
     if metrics["other_cpu_frac"] > OTHER_LOAD_WARNING:
         warnings.append(

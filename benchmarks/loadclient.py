@@ -15,6 +15,8 @@ event count over the process's reading streams is published in a shared slot eve
 10 ms; the publisher uses it to stay a bounded number of events ahead. With
 ``--coalesce-ms M`` a stream receives at most once every M ms: a trio wake-up per receive
 is most of the client's cost, and on 2 cores the client's CPU is taken from the server.
+With ``--port P1,P2,...`` (server processes sharing a backend) stream i connects to the
+(i mod n)-th port, and the events are also counted per port.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Shared:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.events = 0
+        self.events_by_port = [0] * len(args.port)
         self.window = (float("inf"), float("inf"))
         self.latency = Histogram()
         self.errors: Counter[str] = Counter()
@@ -76,6 +79,8 @@ class Stream:
         args = shared.args
         self.shared = shared
         self.client_id = f"{args.client_prefix}{index}"
+        self.port_index = index % len(args.port)
+        self.port: int = args.port[self.port_index]
         self.slow = index < args.slow
         self.tally = SseTally()
         self.open = False
@@ -87,7 +92,7 @@ class Stream:
         self.ack_wakeup = trio.Event()
 
     async def _connect(self) -> trio.SocketStream:
-        port = self.shared.args.port
+        port = self.port
         if not self.slow:
             return await trio.open_tcp_stream("127.0.0.1", port)
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -103,7 +108,7 @@ class Stream:
         args, shared = self.shared.args, self.shared
         query = f"?ack={args.ack}" if args.ack else ""
         request = (
-            f"GET /streams/{args.topic}{query} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+            f"GET /streams/{args.topic}{query} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
             f"X-Client-ID: {self.client_id}\r\nAccept: text/event-stream\r\n\r\n"
         ).encode()
         stream = None
@@ -159,6 +164,7 @@ class Stream:
                 n = tally.events - before
                 if n:
                     shared.events += n
+                    shared.events_by_port[self.port_index] += n
                     if latency:
                         now = time.time()
                         start, end = shared.window
@@ -186,10 +192,10 @@ class Stream:
     async def _ack_loop(self) -> None:
         args = self.shared.args
         head = (
-            f"POST /streams/{args.topic}/ack HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+            f"POST /streams/{args.topic}/ack HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
             "Content-Type: application/json\r\nContent-Length: "
         ).encode()
-        conn = KeepAlive(args.port)
+        conn = KeepAlive(self.port)  # acks go to the process that sent the events
         try:
             while True:
                 await self.ack_wakeup.wait()
@@ -238,8 +244,10 @@ async def main(args: argparse.Namespace) -> None:
 
         await trio.sleep_until(trio_deadline(schedule["window_start"]))
         events0, cpu0, time0 = shared.events, cpu_seconds(), time.time()
+        by_port0 = list(shared.events_by_port)
         await trio.sleep_until(trio_deadline(schedule["window_end"]))
         events1, cpu1, time1 = shared.events, cpu_seconds(), time.time()
+        by_port1 = list(shared.events_by_port)
         await trio.sleep_until(trio_deadline(schedule["stop_at"]))
         reading = [s for s in streams if not s.slow]
         result = {
@@ -250,6 +258,7 @@ async def main(args: argparse.Namespace) -> None:
             "closed_early": sum(s.closed_early for s in reading),
             "errors": dict(shared.errors),
             "window_events": events1 - events0,
+            "window_events_by_port": [b - a for a, b in zip(by_port0, by_port1, strict=True)],
             "window_seconds": time1 - time0,
             "cpu_seconds": cpu1 - cpu0,
             "latency": shared.latency.to_json(),
@@ -262,9 +271,24 @@ async def main(args: argparse.Namespace) -> None:
     emit(result)
 
 
+def _ports(text: str) -> list[int]:
+    try:
+        ports = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not ports: {text!r}") from None
+    if not all(0 < port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError(f"not ports: {text!r}")
+    return ports
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loadclient")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--port",
+        type=_ports,
+        required=True,
+        help="the server's port, or ports separated by commas (stream i: the (i mod n)-th)",
+    )
     parser.add_argument("--topic", default="bench")
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--slow", type=int, default=0, help="streams that stop reading")

@@ -2,7 +2,8 @@
 
 Runs ``python -m benchmarks --smoke`` for real (servers, load clients and publisher as
 processes on 127.0.0.1) and checks that every measurement produced a sane JSON line.
-No timing is asserted: the numbers depend on the machine and its load.
+No timing is asserted: the numbers depend on the machine and its load. The Redis variant
+(a redis-server and two server processes) runs once, on fan-out only, to stay quick.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 
 from benchmarks._wire import ChunkedDecoder, SseTally, last_event_id, timestamps
+
+from ._redis import redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = {
@@ -36,8 +39,8 @@ WORKLOADS["trio_stream"] = WORKLOADS["sse_starlette"] | {
 pytestmark = pytest.mark.e2e
 
 
-def run_smoke(tmp_path: Path, servers: str) -> tuple[str, list[dict[str, Any]]]:
-    argv = [sys.executable, "-m", "benchmarks", "--smoke", "--servers", servers]
+def run_smoke(tmp_path: Path, servers: str, *options: str) -> tuple[str, list[dict[str, Any]]]:
+    argv = [sys.executable, "-m", "benchmarks", "--smoke", "--servers", servers, *options]
     proc = subprocess.run(
         [*argv, "--results-dir", str(tmp_path)],
         cwd=ROOT,
@@ -93,6 +96,30 @@ def test_benchmarks_smoke_both_servers(tmp_path: Path) -> None:
     check_records(records, "trio_stream")
     check_records(records, "sse_starlette")
     assert "| workload | metric | trio_stream | sse-starlette | ratio | target |" in stdout
+
+
+@pytest.mark.timeout(120)
+def test_benchmarks_smoke_redis_two_processes(tmp_path: Path) -> None:
+    """Fan-out on the Redis backend: two server processes, each serving half the streams,
+    all events published to the first; both halves must receive events through Redis.
+
+    Skipped without redis-server, except under ``CI=true``, where it fails.
+    """
+    redis_server_binary()
+    stdout, records = run_smoke(tmp_path, "trio_stream_redis2", "--only", "fanout", "--no-raw")
+    assert [(r["workload"], r["server"]) for r in records] == [("fanout", "trio_stream_redis2")]
+    record = records[0]
+    metrics = record["metrics"]
+    assert record["ok"] is True
+    assert metrics["problems"] == []
+    assert metrics["streams_opened"] == record["params"]["streams"]
+    assert metrics["published"] > 0
+    assert metrics["server_processes"] == 2
+    assert len(metrics["events_per_s_by_process"]) == 2
+    assert all(rate > 0 for rate in metrics["events_per_s_by_process"])
+    assert metrics["server_cpu_us_per_event"] > 0
+    assert metrics["redis_cpu_frac"] >= 0
+    assert "| memory, 1 process | Redis, 1 process | Redis, 2 processes |" in stdout
 
 
 def test_benchmarks_wire_counts_whatever_the_split() -> None:
