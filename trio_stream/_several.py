@@ -135,26 +135,57 @@ class Cursor:
         return resumes
 
 
-@attrs.define(eq=False, slots=True)
 class Delivery(Entry):
-    """An event as a stream of several topics sends it: its composite id, its topic."""
+    """An event as a stream of several topics sends it: its composite id, its topic.
 
-    topic: str = ""
-    position: int = 0
-    """Its position in its topic's log."""
-    lane: int = 0
-    """The index of its topic in the stream's (sorted) topics."""
+    Args:
+        entry: The event in its topic's log.
+        topic: Its topic.
+        lane: The index of its topic in the stream's (sorted) topics.
+        seq: Its position in the stream.
+        id: Its composite id.
+        wire: Its framing for the stream.
+    """
+
+    __slots__ = ("entry", "lane", "position", "topic")
+
+    def __init__(
+        self,
+        entry: Entry,
+        *,
+        topic: str,
+        lane: int,
+        seq: int,
+        id: str,
+        wire: bytes,
+    ) -> None:
+        self.seq = seq
+        self.id = id
+        self.name = entry.name
+        self.wire = wire
+        self.published_at = entry.published_at
+        self.order = entry.order
+        self.trace_context = entry.trace_context
+        self._data = None
+        self._json = None
+        self._tagged = None
+        self.entry = entry
+        """The event in its topic's log."""
+        self.topic = topic
+        self.position = entry.seq
+        """Its position in its topic's log."""
+        self.lane = lane
+
+    @property
+    def data(self) -> str:
+        """The event's data (read from its topic's log entry)."""
+        return self.entry.data
 
     @property
     def json(self) -> str:
         """The event as the WebSocket transport and the poll send it, with its topic."""
         return json.dumps(
-            {
-                "id": self.id,
-                "event": self.event.event,
-                "data": self.event.data,
-                "topic": self.topic,
-            },
+            {"id": self.id, "event": self.name, "data": self.data, "topic": self.topic},
             ensure_ascii=False,
         )
 
@@ -198,16 +229,12 @@ def interleave(
         composite = cursor.join(parts)
         deliveries.append(
             Delivery(
+                entry,
+                topic=topics[index],
+                lane=index,
                 seq=seq,
                 id=composite,
-                event=entry.event,
                 wire=b"id: " + composite.encode() + b"\n" + entry.tagged(topics[index]),
-                published_at=entry.published_at,
-                order=order,
-                trace_context=entry.trace_context,
-                topic=topics[index],
-                position=entry.seq,
-                lane=index,
             )
         )
     return deliveries

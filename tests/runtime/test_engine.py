@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import sys
+import tracemalloc
 from typing import TYPE_CHECKING
 
 import pytest
@@ -56,6 +58,33 @@ async def test_log_ids_increase_and_carry_the_epoch() -> None:
     assert (
         log.append_nowait([Event(data="x")])[0].wire == f"id: {log.id_of(4)}\ndata: x\n\n".encode()
     )
+
+
+@pytest.mark.parametrize(
+    "data", ["plain", "", "two\nlines", "é ünïcode ✓", "\n\nblank lines\n", "cr\rlf\r\nend"]
+)
+async def test_log_entries_give_back_the_data_as_published(data: str) -> None:
+    log = MemoryLog("t")
+    [entry] = log.append_nowait([Event(data=data, event="named")])
+    assert entry.data == data
+    assert entry.event == Event(data=data, event="named")
+    assert json.loads(entry.json) == {"id": entry.id, "event": "named", "data": data}
+
+
+async def test_log_entries_keep_the_bytes_of_an_event_once() -> None:
+    """The wire form is kept; the data string is read back from it, not kept beside it."""
+    log = MemoryLog("t", capacity=5000, max_bytes=1 << 30)
+    payload = "x" * 2000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        log.append_nowait([Event(data=payload + str(i)) for i in range(2000)])
+        gc.collect()
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / 2000
+    finally:
+        tracemalloc.stop()
+    assert 2000 < per_entry < 2000 * 1.3  # about the wire (2 KB), not twice it
 
 
 async def test_log_fails_closed_when_full_and_loses_nothing(autojump_clock: object) -> None:

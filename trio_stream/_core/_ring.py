@@ -24,23 +24,75 @@ _SEQ_DIGITS: Final = 12
 _COMPACT_AT: Final = 1024
 
 
-@attrs.define(eq=False, slots=True)
 class Entry:
-    """An event in a log, with its wire form made once, at publish time."""
+    """An event in a log, with its wire form made once, at publish time.
 
-    seq: int
-    id: str
-    event: Event
-    """The event as published (its own ``id`` is ``None``: the entry's ``id`` is the id)."""
-    wire: bytes
-    """The SSE framing, ``id:`` line included: what every stream writes."""
-    published_at: float
-    order: int = 0
-    """Where the hub accepted it among the events of every topic (interleaving order)."""
-    _json: str | None = None
-    _tagged: bytes | None = None
-    trace_context: object = None
-    """The publish span's context, when tracing is on."""
+    Only the wire form is kept: the event's data is read back from it when asked for
+    (by the WebSocket transport and polls, once per entry), so a log holds each event's
+    bytes once, not twice. (Data with CR line breaks, which the wire turns into LF, is
+    kept as well, so that it comes back as published.)
+
+    Args:
+        seq: Its position in its log.
+        id: Its id.
+        event: The event as published (its own ``id`` is ignored: *id* is the id).
+        wire: The SSE framing, ``id:`` line included: what every stream writes.
+        published_at: When it was accepted (trio time).
+        order: Where the hub accepted it among the events of every topic.
+        trace_context: The publish span's context, when tracing is on.
+    """
+
+    __slots__ = (
+        "_data",
+        "_json",
+        "_tagged",
+        "id",
+        "name",
+        "order",
+        "published_at",
+        "seq",
+        "trace_context",
+        "wire",
+    )
+
+    def __init__(
+        self,
+        *,
+        seq: int,
+        id: str,
+        event: Event,
+        wire: bytes,
+        published_at: float,
+        order: int = 0,
+        trace_context: object = None,
+    ) -> None:
+        self.seq = seq
+        self.id = id
+        self.name: str | None = event.event
+        """The event's name (``None``: unnamed)."""
+        self.wire = wire
+        self.published_at = published_at
+        self.order = order
+        self.trace_context = trace_context
+        self._data: str | None = event.data if "\r" in event.data else None
+        self._json: str | None = None
+        self._tagged: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Entry(seq={self.seq!r}, id={self.id!r}, name={self.name!r})"
+
+    @property
+    def data(self) -> str:
+        """The event's data, as published."""
+        if self._data is not None:
+            return self._data
+        lines = self.wire.decode().split("\n")
+        return "\n".join([line[6:] for line in lines if line.startswith("data: ")])
+
+    @property
+    def event(self) -> Event:
+        """The event as published (without its id: the entry's ``id`` is the id)."""
+        return Event(data=self.data, event=self.name)
 
     def tagged(self, topic: str) -> bytes:
         """The wire form without its ``id:`` line, the event named ``<topic>[/<name>]``.
@@ -52,7 +104,7 @@ class Entry:
             wire = self.wire
             rest = wire[wire.index(b"\n") + 1 :] if wire.startswith(b"id:") else wire
             name = topic.encode()
-            if self.event.event is None:
+            if self.name is None:
                 self._tagged = b"event: " + name + b"\n" + rest
             else:  # `rest` starts with "event: <name>"
                 self._tagged = b"event: " + name + b"/" + rest[len(b"event: ") :]
@@ -63,8 +115,7 @@ class Entry:
         """The event as the WebSocket transport sends it (made on first use, then kept)."""
         if self._json is None:
             self._json = json.dumps(
-                {"id": self.id, "event": self.event.event, "data": self.event.data},
-                ensure_ascii=False,
+                {"id": self.id, "event": self.name, "data": self.data}, ensure_ascii=False
             )
         return self._json
 
