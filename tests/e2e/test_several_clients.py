@@ -264,3 +264,62 @@ async def test_websocket_client_hands_out_topics_acks_in_band_and_resumes(
                 if len(resumed) == len(second):
                     break
     assert_exactly(resumed, second)
+
+
+async def test_websocket_client_polls_through_a_pause_on_one_lagging_topic() -> None:
+    options = {"lag_limit": 10, "rate": 500.0, "burst": 50, "poll_interval": 0.05}
+    got: list[Event] = []
+    async with open_server(hub=options) as server:
+        hub = server.app.hub
+        url = "ws" + server.url.removeprefix("http") + "/streams?topic=a&topic=b"
+        with trio.fail_after(DEADLINE):
+            async with (
+                open_websocket_stream(
+                    url, client_id="wsp", ack=4, ack_interval=0.01, retry_interval=0.05
+                ) as events,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(collect, events, got)
+                await wait_until(lambda: events.statistics().connections == 1)
+                published: list[Seen] = [("b", None, f"b{i}") for i in range(40)]
+                published.append(("a", "note", "a0"))
+                publish_one_by_one(hub, published)
+                await wait_until(lambda: events.statistics().connections == 2)
+                tail: list[Seen] = [("a", None, "a1"), ("b", None, "b40")]
+                published += tail
+                publish_one_by_one(hub, tail)
+                await wait_for_count(got, len(published))
+                await trio.sleep(0.2)  # nothing more may come
+                nursery.cancel_scope.cancel()
+            stats = events.statistics()
+    assert_exactly(got, published)
+    assert stats.pauses == 1
+    assert stats.polls >= 1
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_clients_surface_a_reset_on_each_topic(server: Server, transport: str) -> None:
+    """A composite id the server cannot place: a `StreamReset` per topic, naming it."""
+    hub = server.app.hub
+    publish_one_by_one(hub, [("a", None, "a0"), ("b", "tick", "b0")])
+    with trio.fail_after(DEADLINE):
+        if transport == "sse":
+            opened = open_event_stream(
+                f"{server.url}/streams?topic=b&topic=a", last_event_id="not-a-cursor"
+            )
+        else:
+            opened = open_websocket_stream(
+                "ws" + server.url.removeprefix("http") + "/streams?topic=b&topic=a",
+                last_event_id="not-a-cursor",
+            )
+        async with opened as events:
+            items = [await events.__anext__() for _ in range(4)]
+    assert items[:2] == [
+        StreamReset(reason="unknown", last_event_id="not-a-cursor", topic="a"),
+        StreamReset(reason="unknown", last_event_id="not-a-cursor", topic="b"),
+    ]
+    assert all(isinstance(item, Event) for item in items[2:])
+    assert seen([item for item in items[2:] if isinstance(item, Event)]) == [
+        ("a", None, "a0"),
+        ("b", "tick", "b0"),
+    ]
