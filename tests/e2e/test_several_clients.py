@@ -225,6 +225,30 @@ async def test_limits_count_the_stream_of_several_topics_once() -> None:
     assert stats.connections == 1
 
 
+async def test_rate_limit_counts_the_stream_of_several_topics_once() -> None:
+    """A bucket of 5 at 20 events/s for the client: 15 events over three topics take at
+    least (15 - 5) / 20 = 0.5 s, not the 0.1 s a bucket per topic would allow."""
+    got: list[Event] = []
+    async with open_server(hub={"rate": 20.0, "burst": 5}) as server:
+        hub = server.app.hub
+        url = f"{server.url}/streams?topic=x&topic=y&topic=z"
+        with trio.fail_after(DEADLINE):
+            async with (
+                open_event_stream(url, client_id="rated") as events,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(collect, events, got)
+                await wait_until(lambda: events.statistics().connections == 1)
+                published = [(topic, None, f"{topic}{i}") for i in range(5) for topic in "xyz"]
+                started = trio.current_time()
+                publish_one_by_one(hub, published)
+                await wait_for_count(got, len(published))
+                took = trio.current_time() - started
+                nursery.cancel_scope.cancel()
+    assert_exactly(got, published)
+    assert took >= 0.45, took
+
+
 # -- the WebSocket client -----------------------------------------------------------------
 
 
