@@ -443,6 +443,17 @@ def _optional_str(document: dict[str, object], key: str, what: str) -> str | Non
     return value
 
 
+def _with_topic(event: Event) -> Event:
+    """An event of a stream of several topics, its wire name ``<topic>[/<name>]`` split.
+
+    Topics have no ``/``, so the first one ends the topic; the name may hold more.
+    """
+    if event.event is None:  # pragma: no cover - the server names every event
+        return event
+    topic, slash, name = event.event.partition("/")
+    return attrs.evolve(event, topic=topic, event=name if slash else None)
+
+
 def _delay_ms(document: dict[str, object], key: str, what: str) -> float | None:
     value = document.get(key)
     if value is None:
@@ -463,9 +474,13 @@ class EventStream:
     after everything else it can get past.
 
     Each event keeps the fields the server sent: ``id`` (opaque: never parse it),
-    ``event`` (``None`` for unnamed events) and ``data``. On a several-topics stream,
-    ``event`` is ``"<topic>"`` or ``"<topic>/<name>"``, as a browser sees it, whether
-    the event was streamed or polled.
+    ``event`` (``None`` for unnamed events) and ``data``. On a stream of several topics
+    (``/streams?topic=a&topic=b``) each event's ``topic`` says which topic it belongs
+    to and ``event`` is its own name, as published (the wire's ``event: a/tick`` becomes
+    ``topic="a"``, ``event="tick"``; ``event: a`` becomes ``topic="a"``,
+    ``event=None``), whether it was streamed or polled; its ``id`` is the stream's
+    composite cursor, which resumes every topic at once. On a stream of one topic
+    ``topic`` is ``None``.
 
     One task at a time may iterate.
     """
@@ -475,6 +490,7 @@ class EventStream:
     _path: str
     _query: list[tuple[str, str]]
     _topic: str | None
+    """The stream's topic, when it has one: what a `StreamReset` names by default."""
     _ack_path: str
     _client_id: str | None
     _resume_id: str | None
@@ -490,6 +506,8 @@ class EventStream:
     _ack_interval: float
     _open_stream: Callable[[_Origin], Awaitable[trio.abc.Stream]]
     _random: random.Random = attrs.field(factory=random.Random)
+    _several: bool = False
+    """A stream of several topics: events are named ``<topic>[/<name>]`` on the wire."""
 
     _state: Literal["connecting", "streaming", "polling", "finished", "closed"] = "connecting"
     _pending: deque[Event | StreamReset] = attrs.field(factory=deque)
@@ -832,6 +850,8 @@ class EventStream:
                 continue
             if fresh:
                 self._resume_id = event.id
+            if self._several:
+                event = _with_topic(event)
             self._pending.append(event)
         return False
 
@@ -956,10 +976,8 @@ class EventStream:
             topic = _optional_str(item, "topic", what)
             if event_id is None or data is None:
                 raise RemoteProtocolError(f"malformed {what}: each event needs 'id' and 'data'")
-            if topic is not None:
-                name = topic if name is None else f"{topic}/{name}"
             try:
-                events.append(Event(data=data, event=name, id=event_id))
+                events.append(Event(data=data, event=name, id=event_id, topic=topic))
             except LocalProtocolError as error:
                 raise RemoteProtocolError(f"malformed {what}: {error}") from None
         if reset:
@@ -1077,6 +1095,20 @@ def _check_duration(
             f"{name} must be {'positive' if positive else '>= 0'}, got {value!r}"
         )
     return float(value)
+
+
+def _stream_path(path: str, query: list[tuple[str, str]]) -> tuple[str | None, bool, str]:
+    """``(topic, several, ack path)`` of a stream URL's path and query.
+
+    ``/streams/{topic}`` is one topic's stream, acknowledged at ``/streams/{topic}/ack``;
+    ``/streams?topic=a&topic=b`` (even with one ``topic``) a stream of several,
+    acknowledged at ``/streams/_ack``.
+    """
+    topics = [value for key, value in query if key == "topic"]
+    stem = path.rstrip("/")
+    if topics:
+        return (topics[0] if len(topics) == 1 else None), True, stem + "/_ack"
+    return unquote(stem.split("/")[-1]) or None, False, stem + "/ack"
 
 
 def _stream_settings(
@@ -1203,7 +1235,9 @@ async def open_event_stream(
 
     Args:
         url: ``http(s)://host[:port]/streams/{topic}``, or ``.../streams?topic=a&topic=b``
-            for several topics; other query parameters are passed on.
+            for several topics on one stream (1 to 16; each event's ``topic`` then names
+            its topic, and ids are composite cursors over all of them); other query
+            parameters are passed on.
         client_id: Sent as ``X-Client-ID``. By default the client adopts the id the
             server assigns on the first stream (the ``sub`` of a JWT, with auth).
         last_event_id: Resume after this id (say, a saved `EventStream.last_event_id`).
@@ -1249,14 +1283,7 @@ async def open_event_stream(
     not sent; the server resumes by ``Last-Event-ID`` regardless.
     """
     origin, path, query = _split_url(url)
-    topics = [value for key, value in query if key == "topic"]
-    segments = path.rstrip("/").split("/")
-    if topics:
-        topic = topics[0] if len(topics) == 1 else None
-        ack_path = path.rstrip("/") + "/_ack"
-    else:
-        topic = unquote(segments[-1]) or None
-        ack_path = path.rstrip("/") + "/ack"
+    topic, several, ack_path = _stream_path(path, query)
     query, settings = _stream_settings(
         query,
         client_id=client_id,
@@ -1278,6 +1305,7 @@ async def open_event_stream(
         path=path,
         query=query,
         topic=topic,
+        several=several,
         ack_path=ack_path,
         auto_ack=auto_ack,
         raise_on_reset=raise_on_reset,
@@ -1319,7 +1347,7 @@ async def publish(
         The ids the server gave the events, in order.
 
     Raises:
-        LocalProtocolError: A bad URL, or an event with an ``id`` or ``retry``.
+        LocalProtocolError: A bad URL, or an event with an ``id``, ``retry`` or ``topic``.
         HTTPStatusError: The server refused (``429`` when the topic's log is full,
             with ``retry_after``; ``413``, ``400``, ``401``, ...).
         RemoteProtocolError: The answer was malformed.
@@ -1335,6 +1363,8 @@ async def publish(
             event = Event(data=event)
         if event.id is not None or event.retry is not None:
             raise LocalProtocolError("published events get their id from the server: no id, retry")
+        if event.topic is not None:
+            raise LocalProtocolError("the URL names the topic published to: no topic on events")
         item = {"data": event.data}
         if event.event is not None:
             item["event"] = check_event_name(event.event)

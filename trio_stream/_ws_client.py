@@ -1,6 +1,7 @@
 """The WebSocket client: the same `EventStream` iterator, over ``trio-websocket``.
 
-`open_websocket_stream` opens ``ws://host/streams/{topic}`` and hands out a
+`open_websocket_stream` opens ``ws://host/streams/{topic}`` (or, for several topics,
+``ws://host/streams?topic=a&topic=b``) and hands out a
 `WebSocketEventStream`, which iterates exactly as the Server-Sent Events client's
 `EventStream` does (it is one): the events in order and each once, `StreamReset` where
 events were lost, reconnection with the last id, and the pause handover to polling over
@@ -26,7 +27,7 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final, cast
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import trio
@@ -54,6 +55,7 @@ from ._client import (
     _raise_if_certificate_error,
     _Requester,
     _split_url,
+    _stream_path,
     _stream_settings,
     _target,
 )
@@ -90,7 +92,8 @@ class WebSocketEventStream(EventStream):
     Iterate over it (``async for item in events``) as over an `EventStream`: `Event`
     values in order, each once, and a `StreamReset` wherever events were lost. Each
     event is the server's JSON message as an `Event`: ``id``, ``event`` (``None`` for
-    unnamed events) and ``data``.
+    unnamed events) and ``data``, and on a stream of several topics ``topic`` (``None``
+    on a stream of one), exactly as `EventStream` hands them out.
 
     What differs from `EventStream`: acknowledgements travel in-band
     (``{"ack": id, "buffer_utilization": u}`` on the socket, not ``POST /ack``); the
@@ -304,10 +307,11 @@ class WebSocketEventStream(EventStream):
             event_id = _optional_str(document, "id", what)
             name = _optional_str(document, "event", what)
             data = _optional_str(document, "data", what)
+            topic = _optional_str(document, "topic", what)
             if event_id is None or data is None:
                 raise RemoteProtocolError(f"malformed {what}: an event needs 'id' and 'data'")
             try:
-                event = Event(data=data, event=name, id=event_id)
+                event = Event(data=data, event=name, id=event_id, topic=topic)
             except LocalProtocolError as error:
                 raise RemoteProtocolError(f"malformed {what}: {error}") from None
             self._stream_last_id = event_id
@@ -322,7 +326,7 @@ class WebSocketEventStream(EventStream):
                 StreamReset(
                     reason=_optional_str(document, "reason", what) or "unknown",
                     last_event_id=_optional_str(document, "last_event_id", what),
-                    topic=self._topic,
+                    topic=_optional_str(document, "topic", what) or self._topic,
                 )
             )
             return False
@@ -407,8 +411,10 @@ async def open_websocket_stream(
     ``Retry-After``, other 4xx raise `HTTPStatusError`).
 
     Args:
-        url: ``ws(s)://host[:port]/streams/{topic}`` (``http(s)://`` is taken to mean
-            the same); other query parameters are passed on.
+        url: ``ws(s)://host[:port]/streams/{topic}``, or
+            ``.../streams?topic=a&topic=b`` for several topics on one stream (each
+            event's ``topic`` then names its topic); ``http(s)://`` is taken to mean
+            the same; other query parameters are passed on.
         client_id: Sent as ``X-Client-ID``; by default the client adopts the id the
             server assigns (its ``X-Client-ID`` handshake header).
         last_event_id: Resume after this id.
@@ -436,9 +442,8 @@ async def open_websocket_stream(
         The `WebSocketEventStream`.
 
     Raises:
-        LocalProtocolError: A bad URL (including a several-topics ``?topic=`` URL, not
-            served over WebSocket yet), client id, ack window or duration, or
-            *headers* setting ones the client sets itself.
+        LocalProtocolError: A bad URL, client id, ack window or duration, or *headers*
+            setting ones the client sets itself.
         Exception: Errors of the ``async with`` body leave as themselves, not as an
             exception group; see `EventStream.__anext__` for those of the iteration.
 
@@ -450,9 +455,7 @@ async def open_websocket_stream(
     """
     ws_url, http_url = _urls(url)
     origin, path, query = _split_url(http_url)
-    if any(key == "topic" for key, _ in query):
-        raise LocalProtocolError("several-topics streams are not served over WebSocket yet")
-    topic = unquote(path.rstrip("/").split("/")[-1]) or None
+    topic, several, ack_path = _stream_path(path, query)
     query, settings = _stream_settings(
         query,
         client_id=client_id,
@@ -478,7 +481,8 @@ async def open_websocket_stream(
         path=path,
         query=query,
         topic=topic,
-        ack_path=path.rstrip("/") + "/ack",
+        several=several,
+        ack_path=ack_path,  # unused: acks travel in-band
         auto_ack=auto_ack,
         raise_on_reset=raise_on_reset,
         ws_url=ws_url,

@@ -627,7 +627,8 @@ async def test_client_polls_after_the_last_event_it_received(autojump_clock: obj
 
 
 async def test_client_several_topics(autojump_clock: object) -> None:
-    """Composite ids, ``<topic>/<name>`` events, streamed or polled; acks to ``_ack``."""
+    """Composite ids; ``<topic>/<name>`` on the wire, ``topic`` and ``event`` apart for
+    the caller, streamed or polled alike; acks to ``_ack``."""
     url = "http://example.test:8000/streams?topic=a&topic=b"
     async with session(url, ack=2, paced=True) as s:
         s.consumer.allow(2)
@@ -662,12 +663,42 @@ async def test_client_several_topics(autojump_clock: object) -> None:
         await poller.respond(200, answer)
         await s.server.stream(last_event_id="c4", path="/streams")
         await settle()
-        assert [(e.event, e.data) for e in s.consumer.got if isinstance(e, Event)] == [
-            ("a", "x"),
-            ("b/tick", "y"),
-            ("a", "z"),
-            ("b/tick", "w"),
+        assert [(e.topic, e.event, e.data) for e in s.consumer.got if isinstance(e, Event)] == [
+            ("a", None, "x"),
+            ("b", "tick", "y"),
+            ("a", None, "z"),
+            ("b", "tick", "w"),
         ]
+
+
+async def test_client_several_topics_splits_wire_names(autojump_clock: object) -> None:
+    """The first ``/`` ends the topic; a topic named like a control event is data."""
+    url = "http://example.test:8000/streams?topic=reset&topic=b"
+    async with session(url) as s:
+        peer, _ = await s.server.stream(path="/streams")
+        reset = json.dumps({"reason": "expired", "last_event_id": "c0", "topic": "b"})
+        await peer.sse(
+            f"event: reset\ndata: {reset}\n\n"
+            "id: c1\nevent: reset\ndata: r\n\n"
+            "id: c2\nevent: b/x/y\ndata: s\n\n"
+            "id: c3\nevent: reset/pause\ndata: t\n\n"
+        )
+        await settle()
+        assert s.consumer.got == [
+            StreamReset(reason="expired", last_event_id="c0", topic="b"),
+            Event(data="r", id="c1", topic="reset"),
+            Event(data="s", event="x/y", id="c2", topic="b"),
+            Event(data="t", event="pause", id="c3", topic="reset"),
+        ]
+
+
+async def test_client_one_topic_has_no_topic_and_keeps_names(autojump_clock: object) -> None:
+    """On ``/streams/{topic}`` events are as the server framed them: ``topic`` is None."""
+    async with session() as s:
+        peer, _ = await s.server.stream()
+        await peer.sse("id: e-1\nevent: a/b\ndata: x\n\n")
+        await settle()
+        assert s.consumer.got == [Event(data="x", event="a/b", id="e-1")]
 
 
 # -- acks ------------------------------------------------------------------------------
@@ -975,6 +1006,8 @@ async def test_publish_errors(autojump_clock: object) -> None:
     assert caught.value.message == "topic 't' is full"
     with pytest.raises(LocalProtocolError, match="id"):
         await publish(URL, [Event(data="a", id="1")], stream_factory=server.connect)
+    with pytest.raises(LocalProtocolError, match="topic"):
+        await publish(URL, [Event(data="a", topic="t")], stream_factory=server.connect)
 
 
 # -- end to end: the real app over hypercorn, real sockets, the real clock -------------

@@ -42,16 +42,21 @@ class Event:
         id: The event id; on the decoding side, the last event id in force when the
             event was dispatched.
         retry: A reconnection delay in milliseconds to send with the event.
+        topic: On an event a client received from a stream of several topics, the
+            topic it belongs to (``None`` on a stream of one topic, whose URL names
+            it). Not framed by `encode`: Server-Sent Events have no such field, and a
+            stream of several topics says it in ``event:`` instead.
 
     Raises:
-        LocalProtocolError: ``event`` or ``id`` contains CR, LF or NUL, or ``retry`` is
-            not a non-negative integer.
+        LocalProtocolError: ``event``, ``id`` or ``topic`` contains CR, LF or NUL, or
+            ``retry`` is not a non-negative integer.
     """
 
     data: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     event: str | None = attrs.field(default=None, validator=_no_line_breaks)
     id: str | None = attrs.field(default=None, validator=_no_line_breaks)
     retry: int | None = attrs.field(default=None, validator=_retry_value)
+    topic: str | None = attrs.field(default=None, validator=_no_line_breaks)
 
 
 def encode(event: Event) -> bytes:

@@ -74,8 +74,10 @@
  *     resets, reconnects, polls, acks, ackErrors, errors, ...).
  *
  * Listener payloads (one argument each):
- *   "event"     {id, event, data, topic, source}: `event` is the event's name or null,
- *               `data` the string payload, `source` "stream" | "poll". In order, never twice.
+ *   "event"     {id, event, data, topic, source}: `event` is the event's own name or null,
+ *               `topic` its topic (with several topics, the wire's "<topic>/<name>" is split
+ *               into the two), `data` the string payload, `source` "stream" | "poll". In
+ *               order, never twice; with several topics `id` is the stream's composite cursor.
  *               Listeners run one event at a time: when one returns a Promise, the next event
  *               waits for it; the event counts as processed (and is acked) after that.
  *               After close() no listener is called again.
@@ -98,9 +100,13 @@
  * One topic (/streams/t): unnamed events arrive (as "message"); named ones only when their
  * names are given in `events` or to listen(). Several topics (/streams?topic=a&topic=b): the
  * server names each event `<topic>` or `<topic>/<name>`; the helper listens to every topic
- * name, and to "<topic>/<name>" names given in `events`. The names "reset", "pause",
- * "reauth", "open" and "error" are taken by control events and EventSource itself: they
- * cannot be used as event names (or, with several topics, topic names) through this helper.
+ * name, and to "<topic>/<name>" names given in `events`. Polled events are filtered the
+ * same way, so a page gets the same events whether they were streamed or polled. In ack
+ * mode, list every name a topic may carry: events nobody listens to are acknowledged only
+ * with a later one, so a window's worth of them in a row stalls the stream (until the
+ * server pauses it, or closes it for want of acks). The names "reset", "pause", "reauth",
+ * "open" and "error" are taken by control events and EventSource itself: they cannot be
+ * used as event names (or, with several topics, topic names) through this helper.
  *
  * Cookies: EventSource sends same-origin cookies (e.g. `trio_stream_token`); polls and acks
  * use fetch with credentials "same-origin" ("include" with `withCredentials`). Comments
@@ -495,6 +501,13 @@
       this._enqueue({ id, event: name, data: e.data, topic, source: "stream" });
     }
 
+    /** Whether EventSource would hand `ev` to us: its name on the wire is listened to. */
+    _listensTo(ev) {
+      let name = ev.event === null ? "message" : ev.event;
+      if (this._multi) name = ev.event === null ? ev.topic : ev.topic + "/" + ev.event;
+      return this._names.has(name);
+    }
+
     _onStreamReset(e) {
       const info = parseJson(e.data) || { reason: "unknown" };
       this._stats.resets++;
@@ -854,7 +867,8 @@
           };
           if (ev.id) this._lastEventId = ev.id;
           this._stats.polledEvents++;
-          this._enqueue(ev);
+          // What the stream would not have dispatched to us, the poll does not deliver.
+          if (this._listensTo(ev)) this._enqueue(ev);
         }
         if (body.last_event_id) {
           this._lastEventId = String(body.last_event_id);
