@@ -85,6 +85,10 @@ from ._pipeline import (
     open_pipeline as open_pipeline,
     throttle as throttle,
 )
+from ._several import (
+    Delivery as Delivery,
+    MultiConnection as MultiConnection,
+)
 from ._ws_client import (
     WebSocketEventStream as WebSocketEventStream,
     open_websocket_stream as open_websocket_stream,
@@ -103,6 +107,7 @@ __all__ = [
     "ConnectionStatistics",
     "CreditWindow",
     "Decoder",
+    "Delivery",
     "Entry",
     "Event",
     "EventStream",
@@ -120,6 +125,7 @@ __all__ = [
     "LocalProtocolError",
     "LogStatistics",
     "MemoryLog",
+    "MultiConnection",
     "NotSentError",
     "PollResult",
     "RateLimitedError",
