@@ -36,6 +36,7 @@ from ._core._errors import (
     LimitExceededError,
     LocalProtocolError,
     NotSentError,
+    RateLimitedError,
     TopicLimitError,
     UnknownClientError,
 )
@@ -70,6 +71,11 @@ REAUTH: Final = encode(Event(event="reauth", data='{"reason": "expired"}'))
 """What ends a stream whose grant expired: ``event: reauth``, no ``id:``."""
 DRAIN_WRITE_TIMEOUT: Final = 1.0
 BACKEND_LOAD_TIMEOUT: Final = 5.0
+POLL_WAIT: Final = 0.1
+"""A poll whose bucket has a token within this many seconds waits for it, not 429.
+
+(A shared bucket's tokens come from Redis a round trip after it first needs them.)
+"""
 CORS_EXPOSED: Final = b"X-Client-ID, Retry-After, X-Stream-Pause"
 CORS_ALLOWED_HEADERS: Final = b"Content-Type, Authorization, X-Client-ID, Last-Event-ID"
 BEARER_CHALLENGE: Final = (b"www-authenticate", b'Bearer realm="trio-stream"')
@@ -829,10 +835,17 @@ class App:
                 raise _HTTPError(400, f"limit must be a positive integer, got {raw[:50]!r}")
             limit = min(value, MAX_POLL_LIMIT)
         client_id = self._client_id(request, grant) or secrets.token_urlsafe(12)
+        poll = partial(self.hub.poll, topic, client_id=client_id, after=request.param("after"))
+        give_up = trio.current_time() + POLL_WAIT
         try:
-            result = self.hub.poll(
-                topic, client_id=client_id, after=request.param("after"), limit=limit
-            )
+            while True:
+                try:
+                    result = poll(limit=limit)
+                    break
+                except RateLimitedError as error:
+                    if trio.current_time() + error.retry_after > give_up:
+                        raise
+                    await trio.sleep(error.retry_after)
         except LimitExceededError as error:  # RateLimitedError included
             raise _HTTPError(429, str(error), headers=[_retry_after(error.retry_after)]) from None
         except TopicLimitError:

@@ -20,7 +20,7 @@ from ._core._errors import (
     TopicLimitError,
     UnknownClientError,
 )
-from ._core._limits import TokenBucket, _at_least_one, _non_negative, _positive
+from ._core._limits import Bucket, TokenBucket, _at_least_one, _non_negative, _positive
 from ._core._names import check_client_id, check_event_name, check_topic
 from ._core._ring import Entry, Gap, Resume
 from ._core._stats import LAG_BUCKETS, LATENCY_BUCKETS, RATIO_BUCKETS, Histogram
@@ -83,6 +83,10 @@ class Backend(Protocol):
 
     def problem(self) -> str | None:
         """What is wrong with the backend now (``None`` when it works)."""
+        ...
+
+    def bucket(self, key: str, rate: float, burst: int) -> Bucket:
+        """The bucket named *key* (``"global"``, ``"client:<id>"``) all processes share."""
         ...
 
 
@@ -166,7 +170,7 @@ class _ClientTopic:
 @attrs.define(eq=False)
 class _Client:
     id: str
-    bucket: TokenBucket | None
+    bucket: Bucket | None
     lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
     streams: int = 0
     paused: dict[str, str | None] = attrs.field(factory=dict)
@@ -232,7 +236,7 @@ class Hub:
     config: HubConfig = attrs.field(factory=HubConfig)
     _topics: dict[str, _Topic] = attrs.field(factory=dict, init=False)
     _clients: dict[str, _Client] = attrs.field(factory=dict, init=False)
-    global_bucket: TokenBucket | None = attrs.field(init=False)
+    global_bucket: Bucket | None = attrs.field(init=False)
     global_lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock, init=False)
     connections: int = attrs.field(default=0, init=False)
     awaiting_acks: set[Connection] = attrs.field(factory=set, init=False)
@@ -263,8 +267,15 @@ class Hub:
 
             self.tracing = Tracing(cfg.tracer)
         self.global_bucket = (
-            TokenBucket(cfg.global_rate, cfg.global_burst or cfg.burst) if cfg.global_rate else None
+            self._bucket("global", cfg.global_rate, cfg.global_burst or cfg.burst)
+            if cfg.global_rate
+            else None
         )
+
+    def _bucket(self, key: str, rate: float, burst: int) -> Bucket:
+        """A bucket in this process, or, with a backend, one all processes share."""
+        backend = self.config.backend
+        return TokenBucket(rate, burst) if backend is None else backend.bucket(key, rate, burst)
 
     # -- topics and publishing ----------------------------------------------------------
 
@@ -427,7 +438,8 @@ class Hub:
                 if len(self._clients) >= self.config.max_clients:
                     raise LimitExceededError("too many clients", retry_after=self._retry_after())
             cfg = self.config
-            client = _Client(client_id, TokenBucket(cfg.rate, cfg.burst) if cfg.rate else None)
+            bucket = self._bucket(f"client:{client_id}", cfg.rate, cfg.burst) if cfg.rate else None
+            client = _Client(client_id, bucket)
         client.last_seen = now
         self._clients[client_id] = client
         return client

@@ -8,6 +8,7 @@ tests skip, except under ``CI=true``, where they fail.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httpx
@@ -16,12 +17,13 @@ import trio
 
 from trio_stream._core._events import Event, encode
 from trio_stream._core._ring import Entry, Resume
-from trio_stream._hub import HubConfig, open_hub
-from trio_stream.backends.redis import RedisBackend, RedisLog
+from trio_stream._hub import Hub, HubConfig, open_hub
+from trio_stream.backends.redis import LEASE_AHEAD, RedisBackend, RedisLog, SharedBucket
 
 from ._processes import CliServer, cli_server
 from ._redis import RedisServer, redis_server
 from ._support import (
+    StreamReader,
     http_client,
     metrics,
     open_reader,
@@ -353,3 +355,150 @@ async def test_redis_websocket_stream_on_the_other_process(
                     if len(got) == 20:
                         break
     assert got == ids
+
+
+# -- limits across processes ------------------------------------------------------------------
+
+
+def event_times(readers: list[StreamReader]) -> list[float]:
+    """When each event of *readers* arrived, in order."""
+    pairs = (zip(r.blocks, r.times, strict=True) for r in readers)
+    return sorted(t for blocks in pairs for block, t in blocks if block.is_event)
+
+
+def busiest(times: list[float], window: float) -> int:
+    """The most events that arrived within any *window* seconds."""
+    most, j = 0, 0
+    for i, start in enumerate(times):
+        while j < len(times) and times[j] <= start + window:
+            j += 1
+        most = max(most, j - i)
+    return most
+
+
+async def test_redis_global_rate_holds_across_processes(redis: RedisServer, tmp_path: Path) -> None:
+    """Global 100/s, burst 20, on two processes: four streams over both get at most
+    100 * t + 20 events in any t seconds together (each process alone would allow 2x)."""
+    options = ["--global-rate", "100", "--global-burst", "20"]
+    with two_servers(redis, tmp_path, options) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            readers = [
+                await open_reader(nursery, c, "/streams/flood", headers={"X-Client-ID": f"c{i}"})
+                for i, c in enumerate([to_a, to_b, to_a, to_b])
+            ]
+            await publish_many(to_a, "flood", [str(i) for i in range(800)])
+            await trio.sleep(2.5)
+            nursery.cancel_scope.cancel()
+    times = event_times(readers)
+    most = busiest(times, 2.0)
+    assert most <= 100 * 2.0 + 20 + 20  # the limit, plus 10 % for the clocks of 2 sockets
+    assert most >= 150  # and it does let events go
+    assert all(r.events for r in readers)  # on both processes
+
+
+async def test_redis_client_rate_holds_across_processes(redis: RedisServer, tmp_path: Path) -> None:
+    """One client streaming from both processes: 50/s, burst 10 for both streams together."""
+    options = ["--rate", "50", "--burst", "10"]
+    who = {"X-Client-ID": "twin"}
+    with two_servers(redis, tmp_path, options) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            on_a = await open_reader(nursery, to_a, "/streams/twin", headers=who)
+            on_b = await open_reader(nursery, to_b, "/streams/twin", headers=who)
+            await publish_many(to_a, "twin", [str(i) for i in range(400)])
+            await trio.sleep(2.5)
+            nursery.cancel_scope.cancel()
+    most = busiest(event_times([on_a, on_b]), 2.0)
+    assert most <= 50 * 2.0 + 10 + 10
+    assert most >= 70
+    assert on_a.events
+    assert on_b.events
+
+
+async def _drain(bucket: SharedBucket, spent: list[float]) -> None:
+    """Take every token *bucket* gives, as soon as it gives it; note when."""
+    while True:
+        now = trio.current_time()
+        n = bucket.available(now)
+        if n:
+            bucket.consume(now, n)
+            spent += [now] * n
+        else:
+            await trio.sleep_until(bucket.ready_at(now))
+
+
+async def test_redis_shared_bucket_holds_for_all_holders_together(redis: RedisServer) -> None:
+    """Two backends (as two processes would) drain one shared bucket greedily: in any
+    window of t seconds, together at most 200 * t + 20 (+1), yet most of that."""
+    backends = [RedisBackend(redis.url, prefix="lease:") for _ in range(2)]
+    spent: list[list[float]] = [[], []]
+    # The key lives until the last slot leased: burst / rate, plus LEASE_AHEAD for the
+    # leases ahead of time, plus a lease reserved by each holder that waits.
+    horizon = 20 / 200 + LEASE_AHEAD + 2 * 20 / 200
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for backend in backends:
+                await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
+            buckets = [backend.bucket("global", 200.0, 20) for backend in backends]
+            for bucket, times in zip(buckets, spent, strict=True):
+                nursery.start_soon(_drain, bucket, times)
+            await trio.sleep(1.5)
+            pttl = await backends[0].client.pttl("lease:limit:global")
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:  # once idle, the key expires
+            await nursery.start(backends[0].run, Hub(HubConfig(backend=backends[0])))
+            await trio.sleep(horizon + 0.05)
+            left = await backends[0].client.exists(["lease:limit:global"])
+            nursery.cancel_scope.cancel()
+    times = sorted(spent[0] + spent[1])
+    for window in (0.05, 0.3, 1.0):
+        assert busiest(times, window) <= 200 * window + 20 + 1, window
+    assert busiest(times, 1.0) >= 0.9 * (200 + 20)
+    assert spent[0]
+    assert spent[1]
+    assert sum(b.requests for b in buckets) <= 2 * 1.5 * 2 / 0.1 + 4  # not one per token
+    assert 0 < pttl <= horizon * 1000 + 1
+    assert left == 0
+    assert backends[0].errors == backends[1].errors == 0
+
+
+async def test_redis_shared_bucket_fails_closed_without_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis does not answer: the bucket grants nothing, says when to look again, and
+    counts the errors. (A listener that never answers: coredis is then left clean.)"""
+    from trio_stream.backends import redis as module
+
+    monkeypatch.setattr(module, "COMMAND_TIMEOUT", 0.05)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, _silent, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            backend = RedisBackend(f"redis://127.0.0.1:{port}/0")
+            await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
+            bucket = backend.bucket("client:x", 100.0, 10)
+            now = trio.current_time()
+            first = bucket.ready_at(now)
+            await trio.sleep(0.4)
+            later = trio.current_time()
+            available, ready = bucket.available(later), bucket.ready_at(later)
+            nursery.cancel_scope.cancel()
+    assert first > now
+    assert available == 0
+    assert ready > later
+    assert backend.errors >= 2  # retried, with back-off
+    assert backend.problem() == "redis unavailable"
+
+
+async def _silent(stream: trio.SocketStream) -> None:
+    """A peer that reads everything and never answers."""
+    async with stream:
+        while await stream.receive_some():
+            pass

@@ -24,6 +24,12 @@ Local positions are the event numbers, so they stay contiguous across processes.
 When Redis cannot be reached, publishing raises `BackendUnavailableError` (the app
 answers 503), open streams keep their heartbeats, and each reader retries with back-off
 from the last id it saw: nothing accepted is lost or repeated.
+
+Limits: the global bucket and each client's bucket are shared (`SharedBucket`): one GCRA
+state per bucket in Redis (``<prefix>limit:global``, ``<prefix>limit:client:<id>``,
+expiring once the bucket is full again), from which each process leases a few tokens at
+a time (`LeasedTokens`), so that the limits hold for all processes together while the
+per-event path stays local. While Redis cannot be reached, they grant nothing.
 """
 
 from __future__ import annotations
@@ -41,15 +47,16 @@ import trio
 from coredis.tokens import PureToken
 
 from .._core._events import Event, encode
+from .._core._limits import LeasedTokens, _at_least_one, _positive
 from .._core._ring import Entry, Resume, Ring
 from .._log import BackendUnavailableError, MemoryLog
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from .._hub import Hub, HubConfig
 
-__all__ = ["DEFAULT_PREFIX", "RedisBackend", "RedisLog"]
+__all__ = ["DEFAULT_PREFIX", "RedisBackend", "RedisLog", "SharedBucket"]
 
 logger: Final = logging.getLogger("trio_stream")
 
@@ -64,6 +71,14 @@ PUBLISH_RETRY_AFTER: Final = 1.0
 META_IDLE_MS: Final = 7 * 24 * 3600 * 1000
 PAUSES_KEPT: Final = 10_000
 """Pause announcements kept (about) in ``<prefix>pauses``, for the processes to follow."""
+LEASE_AHEAD: Final = 0.1
+"""Seconds before its window opens that a shared bucket's token may be leased.
+
+A busy shared bucket leases about ``rate * LEASE_AHEAD`` tokens at a time, so asks
+Redis at most about ``2 / LEASE_AHEAD`` times a second, whatever its rate.
+"""
+LEASE_FLOOR: Final = 0.005
+"""A shared bucket waiting for a lease says it is ready no sooner than this from now."""
 
 _ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
@@ -111,6 +126,32 @@ redis.call('HSET', meta, 'n', string.format('%d', n), 'c', string.format('%d', c
 redis.call('PEXPIRE', stream, ARGV[4])
 redis.call('PEXPIRE', meta, ARGV[5])
 return {1, ids}
+"""
+
+_LEASE: Final = """
+local key = KEYS[1]
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local want, ahead, need = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', key) or '0')
+if tat < now then tat = now end
+local n = math.min(want, math.floor((now + burst * interval + ahead - tat) / interval))
+if n < need then n = need end
+if n > 0 then
+  tat = tat + n * interval
+  redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+else
+  n = 0
+end
+return {n, string.format('%.17g', tat - now)}
+"""
+"""GCRA in microseconds of Redis's clock; the key holds the TAT and expires once it passes.
+
+Grants up to ``want`` tokens whose slots end at most ``burst * interval + ahead`` after
+now (so that each is leased at most ``ahead`` before its window opens), but at least
+``need`` however far ahead; answers how many, and how far ahead of now the last slot
+(or, granting none, the TAT) lies.
 """
 
 
@@ -387,6 +428,158 @@ class RedisLog(MemoryLog):
 
 
 @attrs.define(eq=False)
+class SharedBucket:
+    """A token bucket every process on the Redis server draws from; made by `RedisBackend`.
+
+    The same interface as `TokenBucket` (``available``, ``consume``, ``ready_at``,
+    ``rate``, ``burst``, ``reset``), all synchronous and local: the bucket's state is a
+    GCRA TAT in Redis, and this process holds a few tokens leased from it
+    (`LeasedTokens`), each usable only within its own window, so that all processes
+    together never let more than ``rate * t + burst`` events go in ``t`` seconds.
+
+    Leasing is a task in the backend's nursery, one at a time per bucket, started when
+    `consume` leaves fewer than half a lease, or when `ready_at` finds no token held. A
+    lease is up to ``rate * LEASE_AHEAD`` tokens (at least 1, at most ``burst``): those
+    whose windows open within ``LEASE_AHEAD``, so all of them after a quiet spell. When
+    a caller waits and fewer are that close (other processes took them), Redis reserves
+    a whole lease after theirs (first come, first served): the caller learns exactly
+    when it may go, and busy processes take turns by leases, not by tokens.
+    Until a lease comes, `ready_at` answers when one is expected, never sooner than
+    ``LEASE_FLOOR`` from now: a caller that wakes then and finds no token asks again.
+    While Redis cannot be reached the bucket grants nothing (fail closed) and retries
+    with back-off.
+
+    Tokens leased and not used in time are lost (this under-delivers, never over-);
+    `consume` beyond `available` does not fail but is paid from the next lease.
+
+    Args:
+        backend: The Redis backend (running, or to be run) that holds the bucket.
+        key: The Redis key of its state.
+        rate: Tokens added per second, for all processes together.
+        burst: The bucket's size, for all processes together.
+
+    Attributes:
+        leased: Tokens leased from Redis so far (statistics).
+        requests: Lease requests answered by Redis so far (statistics).
+    """
+
+    backend: RedisBackend
+    key: str
+    rate: float = attrs.field(validator=_positive)
+    burst: int = attrs.field(validator=_at_least_one)
+    leased: int = attrs.field(default=0, init=False)
+    requests: int = attrs.field(default=0, init=False)
+    _tokens: LeasedTokens = attrs.field(factory=LeasedTokens, init=False)
+    _size: int = attrs.field(init=False)
+    _leasing: bool = attrs.field(default=False, init=False)
+    _wanted: bool = attrs.field(default=False, init=False)
+    """Someone waits and no token is held: the next request reserves a whole lease."""
+    _next_request: float = attrs.field(default=-math.inf, init=False)
+    """After a refusal: no request before this, unless someone waits."""
+    _retry_at: float = attrs.field(default=-math.inf, init=False)
+    """After an error: no request before this."""
+    _ripens: float = attrs.field(default=-math.inf, init=False)
+    """When the next token Redis grants can open its window, as of its last answer."""
+    _backoff: float = attrs.field(default=MIN_BACKOFF, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._size = min(self.burst, max(1, math.ceil(self.rate * LEASE_AHEAD)))
+
+    def available(self, now: float) -> int:
+        """Tokens at hand that may go at *now* (0 to about ``burst``)."""
+        return self._tokens.available(now)
+
+    def consume(self, now: float, n: int) -> None:
+        """Take *n* tokens at *now*; lease more if fewer than half a lease remain.
+
+        Taking more than `available` is paid from the next lease (no exception).
+        """
+        tokens = self._tokens
+        tokens.consume(now, n)
+        if tokens.remaining(now) * 2 < self._size or tokens.debt:
+            self._lease_soon(now)
+
+    def ready_at(self, now: float, n: int = 1) -> float:
+        """When *n* tokens should be at hand: exact for tokens held, else an estimate.
+
+        Raises:
+            ValueError: *n* exceeds ``burst``, so it would never be ready.
+        """
+        if n > self.burst:
+            raise ValueError(f"cannot wait for {n} tokens in a bucket of {self.burst}")
+        at = self._tokens.ready_at(now, n)
+        if at is not None:
+            return at
+        self._wanted = True
+        self._lease_soon(now)
+        return max(now, self._ripens, self._retry_at) + LEASE_FLOOR
+
+    def reset(self) -> None:
+        """Drop the tokens held here (the state in Redis, shared, is left alone)."""
+        self._tokens.clear()
+
+    def _lease_soon(self, now: float) -> None:
+        if self._leasing or (now < self._next_request and not self._wanted):
+            return
+        if self.backend.spawn(self._lease):
+            self._leasing = True
+        else:  # not running (yet, or any more): nothing to lease from
+            self._retry_at = now + MIN_BACKOFF
+
+    async def _lease(self) -> None:
+        """Lease tokens; while someone waits for them, until some are granted."""
+        try:
+            while self.backend.lease_script is not None:
+                if self._retry_at > trio.current_time():
+                    await trio.sleep_until(self._retry_at)
+                if await self._request() or not self._wanted:
+                    return
+        finally:
+            self._leasing = False
+
+    async def _request(self) -> bool:
+        """One lease request; whether tokens were granted."""
+        backend = self.backend
+        script = backend.lease_script
+        if script is None:
+            return False
+        interval = 1 / self.rate
+        span = self.burst * interval
+        args = [repr(1e6 * interval), self.burst, self._size, round(LEASE_AHEAD * 1e6)]
+        args.append(self._size if self._wanted else 0)
+        sent = trio.current_time()
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                count, last = await script(keys=[self.key], args=args)
+        except _ERRORS as error:
+            backend.failed(error, "leasing tokens")
+            self._retry_at = trio.current_time() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            return False
+        backend.worked()
+        received = trio.current_time()
+        self.requests += 1
+        self._backoff = MIN_BACKOFF
+        count, last_slot = int(count), float(last) / 1e6
+        self._ripens = received + last_slot + interval - span
+        if count <= 0:
+            # One can be leased LEASE_AHEAD before its window opens.
+            self._next_request = self._ripens - LEASE_AHEAD
+            return False
+        self.leased += count
+        self._wanted = False
+        self._tokens.add(
+            sent_at=sent,
+            received_at=received,
+            count=count,
+            interval=interval,
+            span=span,
+            last_slot=last_slot,
+        )
+        return True
+
+
+@attrs.define(eq=False)
 class RedisBackend:
     """Topic logs on one Redis server, shared by every process configured alike.
 
@@ -409,6 +602,7 @@ class RedisBackend:
     client: Any = attrs.field(default=None, init=False)
     script: Any = attrs.field(default=None, init=False)
     clock: Any = attrs.field(default=None, init=False)
+    lease_script: Any = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _waiting: list[RedisLog] = attrs.field(factory=list, init=False)
     _failing: bool = attrs.field(default=False, init=False)
@@ -434,6 +628,17 @@ class RedisBackend:
             self._waiting.append(log)
         return log
 
+    def bucket(self, key: str, rate: float, burst: int) -> SharedBucket:
+        """The bucket named *key* that every process on this Redis server shares."""
+        return SharedBucket(self, f"{self.prefix}limit:{key}", rate, burst)
+
+    def spawn(self, task: Callable[[], Any]) -> bool:
+        """Run *task* in the backend's nursery; ``False`` (and nothing done) unless running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(task)
+        return True
+
     async def run(
         self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -447,6 +652,7 @@ class RedisBackend:
                 self.client = client
                 self.script = client.register_script(_PUBLISH)
                 self.clock = client.register_script("return redis.call('TIME')")
+                self.lease_script = client.register_script(_LEASE)
                 self._nursery = nursery
                 for log in self._waiting:
                     nursery.start_soon(log.follow)
@@ -456,7 +662,7 @@ class RedisBackend:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self.client = self.script = self.clock = None
+            self.client = self.script = self.clock = self.lease_script = None
 
     async def redis_time(self) -> float:
         """The Redis server's clock, in seconds since the epoch."""
