@@ -809,21 +809,56 @@ class App:
             isinstance(utilization, bool) or not isinstance(utilization, int | float)
         ):
             raise _HTTPError(400, "'buffer_utilization' must be a number from 0.0 to 1.0")
+        utilization = None if utilization is None else float(utilization)
         try:
             check_client_id(client_id)
             self.hub.ack(
                 topic,
                 client_id=client_id,
                 last_event_id=last_event_id,
-                buffer_utilization=None if utilization is None else float(utilization),
+                buffer_utilization=utilization,
             )
         except UnknownClientError as error:
-            raise _HTTPError(404, str(error)) from None
-        except NotSentError as error:
-            raise _HTTPError(409, str(error)) from None
+            await self._forward_ack(topic, client_id, last_event_id, utilization, error, 404)
+        except NotSentError as error:  # utilization was counted here already
+            await self._forward_ack(topic, client_id, last_event_id, None, error, 409)
         except ValueError as error:  # LocalProtocolError included
             raise _HTTPError(400, str(error)) from None
         await self._respond(request, 204, b"", headers=self._cors(request))
+
+    async def _forward_ack(
+        self,
+        topic: str,
+        client_id: str,
+        last_event_id: str,
+        utilization: float | None,
+        error: Exception,
+        status: int,
+    ) -> None:
+        """An ack this process cannot apply goes to the processes streaming to the client.
+
+        With a backend (Redis), the stream may be on another process: the ack is
+        forwarded there and answered 204. Without one, or when no process streams to
+        the client, it is answered *status* (404 or 409), as *error* says.
+
+        Raises:
+            _HTTPError: *status*; 503 when the backend cannot be reached.
+        """
+        backend = self.hub.config.backend
+        if backend is not None:
+            try:
+                if await backend.forward_ack(
+                    topic,
+                    client_id=client_id,
+                    last_event_id=last_event_id,
+                    buffer_utilization=utilization,
+                ):
+                    return
+            except BackendUnavailableError as unavailable:
+                raise _HTTPError(
+                    503, str(unavailable), headers=[_retry_after(unavailable.retry_after)]
+                ) from None
+        raise _HTTPError(status, str(error)) from None
 
     async def _poll(self, request: _Request, topic: str) -> None:
         grant = await self._authorize(request, "poll", (topic,))

@@ -89,6 +89,29 @@ class Backend(Protocol):
         """The bucket named *key* (``"global"``, ``"client:<id>"``) all processes share."""
         ...
 
+    def check_id(self, event_id: str) -> None:
+        """Raise `ValueError` unless *event_id* has the shape of this backend's ids."""
+        ...
+
+    def share_client(self, client_id: str) -> None:
+        """Tell the other processes that this one holds a stream of *client_id*."""
+        ...
+
+    async def forward_ack(
+        self,
+        topic: str,
+        *,
+        client_id: str,
+        last_event_id: str,
+        buffer_utilization: float | None = None,
+    ) -> bool:
+        """Hand an ack to the processes streaming to the client; ``False`` if none does.
+
+        Raises:
+            BackendUnavailableError: The backend cannot be reached.
+        """
+        ...
+
 
 @attrs.frozen(kw_only=True)
 class HubConfig:
@@ -540,6 +563,8 @@ class Hub:
         client.streams += 1
         t.streams += 1
         self.connections += 1
+        if cfg.backend is not None:  # acks posted to other processes are forwarded here
+            cfg.backend.share_client(client.id)
         return connection
 
     def _release(self, connection: Connection) -> None:
@@ -612,8 +637,11 @@ class Hub:
         record = client.topics.get(topic) if client is not None else None
         if t is not None:
             position = t.log.parse(last_event_id)
-        else:
-            MemoryLog(topic).parse(last_event_id)  # malformed ids are a ValueError first
+        else:  # malformed ids are a ValueError first
+            if self.config.backend is not None:
+                self.config.backend.check_id(last_event_id)
+            else:
+                MemoryLog(topic).parse(last_event_id)
             position = None
         if client is None:
             raise UnknownClientError(f"unknown client {client_id!r}")

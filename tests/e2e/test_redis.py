@@ -502,3 +502,68 @@ async def _silent(stream: trio.SocketStream) -> None:
     async with stream:
         while await stream.receive_some():
             pass
+
+
+# -- acks on any process ----------------------------------------------------------------------
+
+
+async def test_redis_acks_posted_to_the_other_process_keep_the_stream_flowing(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """An ack-mode stream on A whose acks all go to B: each ack releases the next window."""
+    who = {"X-Client-ID": "acker"}
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            httpx.AsyncClient(base_url=b.url, timeout=20) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            reader = await open_reader(nursery, to_a, "/streams/acked?ack=5", headers=who)
+            ids = await publish_many(to_a, "acked", [str(i) for i in range(20)])
+            statuses = []
+            for window in range(1, 4):
+                await reader.wait_events(5 * window)
+                await trio.sleep(0.2)  # no more than the window comes without an ack
+                assert len(reader.events) == 5 * window
+                last = reader.events[-1].id
+                body = {"client_id": "acker", "last_event_id": last, "buffer_utilization": 0.5}
+                response = await to_b.post("/streams/acked/ack", json=body)
+                statuses.append(response.status_code)
+            events = await reader.wait_events(20)
+            malformed = await to_b.post(
+                "/streams/acked/ack", json={"client_id": "acker", "last_event_id": "bogus"}
+            )
+            stranger = await to_b.post(
+                "/streams/acked/ack", json={"client_id": "nobody", "last_event_id": ids[0]}
+            )
+            other_topic = await to_b.post(
+                "/streams/elsewhere/ack", json={"client_id": "acker", "last_event_id": ids[0]}
+            )
+            nursery.cancel_scope.cancel()
+    assert statuses == [204, 204, 204]
+    assert [e.id for e in events] == ids
+    assert malformed.status_code == 400
+    assert stranger.status_code == 404
+    assert stranger.json()["error"] == "unknown client 'nobody'"
+    assert other_topic.status_code == 204  # forwarded; A ignores it (A would answer 409)
+
+
+async def test_redis_streaming_clients_stay_announced_while_they_stream(
+    redis: RedisServer,
+) -> None:
+    """The announcement that routes acks outlives ``client_ttl`` while the stream lasts,
+    and lapses after; then acks for the client are no longer forwarded."""
+    backend = RedisBackend(redis.url, prefix="who:")
+    key = "who:client:walker"
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend, client_ttl=0.6)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            with hub.connect("t", client_id="walker"):
+                await trio.sleep(1.5)  # 2.5 times client_ttl
+                held = await backend.client.exists([key])
+            await trio.sleep(0.6 + 0.2 + 0.1)  # the last renewal lapses
+            gone = await backend.client.exists([key])
+            forwarded = await backend.forward_ack("t", client_id="walker", last_event_id="1-1")
+    assert held == 1
+    assert gone == 0
+    assert forwarded is False

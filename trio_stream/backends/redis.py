@@ -30,13 +30,20 @@ state per bucket in Redis (``<prefix>limit:global``, ``<prefix>limit:client:<id>
 expiring once the bucket is full again), from which each process leases a few tokens at
 a time (`LeasedTokens`), so that the limits hold for all processes together while the
 per-event path stays local. While Redis cannot be reached, they grant nothing.
+
+Acks: a process that opens a stream for a client says so in ``<prefix>client:<id>``
+(expiring after ``client_ttl``, renewed while the stream lasts); an ack posted to a
+process that cannot apply it is forwarded through the capped stream ``<prefix>acks``,
+which every process follows (as it follows the pause announcements, ``<prefix>pauses``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -46,6 +53,7 @@ import coredis.exceptions
 import trio
 from coredis.tokens import PureToken
 
+from .._core._errors import TrioStreamError
 from .._core._events import Event, encode
 from .._core._limits import LeasedTokens, _at_least_one, _positive
 from .._core._ring import Entry, Resume, Ring
@@ -71,6 +79,8 @@ PUBLISH_RETRY_AFTER: Final = 1.0
 META_IDLE_MS: Final = 7 * 24 * 3600 * 1000
 PAUSES_KEPT: Final = 10_000
 """Pause announcements kept (about) in ``<prefix>pauses``, for the processes to follow."""
+ACKS_KEPT: Final = 10_000
+"""Forwarded acks kept (about) in ``<prefix>acks``, for the processes to follow."""
 LEASE_AHEAD: Final = 0.1
 """Seconds before its window opens that a shared bucket's token may be leased.
 
@@ -152,6 +162,22 @@ Grants up to ``want`` tokens whose slots end at most ``burst * interval + ahead`
 now (so that each is leased at most ``ahead`` before its window opens), but at least
 ``need`` however far ahead; answers how many, and how far ahead of now the last slot
 (or, granting none, the TAT) lies.
+"""
+
+_REGISTER: Final = """
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], '1', 'PX', ARGV[1])
+end
+return #KEYS
+"""
+
+_FORWARD_ACK: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'o', ARGV[2], 't', ARGV[3],
+           'c', ARGV[4], 'a', ARGV[5], 'u', ARGV[6])
+return 1
 """
 
 
@@ -603,10 +629,15 @@ class RedisBackend:
     script: Any = attrs.field(default=None, init=False)
     clock: Any = attrs.field(default=None, init=False)
     lease_script: Any = attrs.field(default=None, init=False)
+    _register_script: Any = attrs.field(default=None, init=False)
+    _forward_script: Any = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _waiting: list[RedisLog] = attrs.field(factory=list, init=False)
     _failing: bool = attrs.field(default=False, init=False)
     _origin: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    _streaming: set[str] = attrs.field(factory=set, init=False)
+    """Clients this process holds streams of, as announced in ``<prefix>client:<id>``."""
+    _client_ttl: float = attrs.field(default=300.0, init=False)
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -632,6 +663,14 @@ class RedisBackend:
         """The bucket named *key* that every process on this Redis server shares."""
         return SharedBucket(self, f"{self.prefix}limit:{key}", rate, burst)
 
+    def check_id(self, event_id: str) -> None:
+        """Check that *event_id* has the shape of this backend's ids (``<ms>-<n>``).
+
+        Raises:
+            ValueError: It does not.
+        """
+        _split_id(event_id)
+
     def spawn(self, task: Callable[[], Any]) -> bool:
         """Run *task* in the backend's nursery; ``False`` (and nothing done) unless running."""
         if self._nursery is None:
@@ -644,7 +683,8 @@ class RedisBackend:
     ) -> None:
         """Open the connection pool and run the topics' readers until cancelled.
 
-        Also follows the other processes' pause announcements, applied to *hub*.
+        Also follows the other processes' pause announcements and forwarded acks,
+        applied to *hub*, and keeps this process's streaming clients announced.
         """
         client: Any = coredis.Redis.from_url(self.url, max_connections=self.max_connections)
         try:
@@ -653,16 +693,22 @@ class RedisBackend:
                 self.script = client.register_script(_PUBLISH)
                 self.clock = client.register_script("return redis.call('TIME')")
                 self.lease_script = client.register_script(_LEASE)
+                self._register_script = client.register_script(_REGISTER)
+                self._forward_script = client.register_script(_FORWARD_ACK)
+                self._client_ttl = hub.config.client_ttl
                 self._nursery = nursery
                 for log in self._waiting:
                     nursery.start_soon(log.follow)
-                nursery.start_soon(self._follow_pauses, hub)
+                nursery.start_soon(self._follow, "pauses", partial(self._apply_pause, hub))
+                nursery.start_soon(self._follow, "acks", partial(self._apply_ack, hub))
+                nursery.start_soon(self._renew_clients, hub)
                 self._waiting.clear()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
             self.client = self.script = self.clock = self.lease_script = None
+            self._register_script = self._forward_script = None
 
     async def redis_time(self) -> float:
         """The Redis server's clock, in seconds since the epoch."""
@@ -689,9 +735,108 @@ class RedisBackend:
         except _ERRORS as error:
             self.failed(error, "announcing a pause")
 
-    async def _follow_pauses(self, hub: Hub) -> None:
-        """Apply the pause announcements of the other processes to *hub*."""
-        key, last, backoff = f"{self.prefix}pauses", None, MIN_BACKOFF
+    def _apply_pause(self, hub: Hub, fields: dict[str, str]) -> None:
+        hub.apply_pause(
+            fields.get("t", ""),
+            fields.get("c", ""),
+            fields.get("a") or None,
+            paused=fields.get("p") == "1",
+        )
+
+    def share_client(self, client_id: str) -> None:
+        """Announce that this process holds a stream of *client_id*.
+
+        So that an ack posted to another process is forwarded (`forward_ack`) instead
+        of answered 404. The announcement lasts ``client_ttl`` seconds (as long as an
+        idle client's entry), renewed while the client streams here.
+        """
+        if self._nursery is not None and client_id not in self._streaming:
+            self._streaming.add(client_id)
+            self._nursery.start_soon(self._register, [client_id])
+
+    async def _register(self, client_ids: list[str]) -> None:
+        ttl_ms = max(1, math.ceil(self._client_ttl * 1000))
+        try:
+            for i in range(0, len(client_ids), READ_COUNT):
+                keys = [f"{self.prefix}client:{c}" for c in client_ids[i : i + READ_COUNT]]
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    await self._register_script(keys=keys, args=[ttl_ms])
+        except _ERRORS as error:
+            self.failed(error, "announcing streaming clients")
+
+    async def _renew_clients(self, hub: Hub) -> None:
+        """Renew the announcements of the clients that still stream here, now and then."""
+        while True:
+            await trio.sleep(self._client_ttl / 3)
+            renew = []
+            for client_id in list(self._streaming):
+                try:
+                    streaming = hub.client_statistics(client_id).streams > 0
+                except TrioStreamError:  # forgotten
+                    streaming = False
+                if streaming:
+                    renew.append(client_id)
+                else:  # its announcement lapses by itself
+                    self._streaming.discard(client_id)
+            if renew:
+                await self._register(renew)
+
+    async def forward_ack(
+        self,
+        topic: str,
+        *,
+        client_id: str,
+        last_event_id: str,
+        buffer_utilization: float | None = None,
+    ) -> bool:
+        """Hand an ack this process cannot apply to the processes streaming to the client.
+
+        They apply it with `Hub.ack` when they read it, a few milliseconds later (errors
+        there, such as an id never sent, are ignored). Returns ``False``, forwarding
+        nothing, when no process announced a stream of *client_id* (`share_client`)
+        within ``client_ttl``.
+
+        Raises:
+            BackendUnavailableError: Redis could not be reached: the ack may be lost.
+        """
+        script = self._forward_script
+        if script is None:
+            raise BackendUnavailableError(
+                "redis unavailable: the ack was not forwarded", retry_after=PUBLISH_RETRY_AFTER
+            )
+        keys = [f"{self.prefix}client:{client_id}", f"{self.prefix}acks"]
+        utilization = "" if buffer_utilization is None else repr(buffer_utilization)
+        args = [ACKS_KEPT, self._origin, topic, client_id, last_event_id, utilization]
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                done = await script(keys=keys, args=args)
+        except _ERRORS as error:
+            self.failed(error, "forwarding an ack")
+            raise BackendUnavailableError(
+                "redis unavailable: the ack may not have been forwarded",
+                retry_after=PUBLISH_RETRY_AFTER,
+            ) from None
+        self.worked()
+        return bool(int(done))
+
+    def _apply_ack(self, hub: Hub, fields: dict[str, str]) -> None:
+        utilization = fields.get("u")
+        # Not a client of ours, or not sent by us: some other process's business.
+        with contextlib.suppress(TrioStreamError, ValueError):
+            hub.ack(
+                fields.get("t", ""),
+                client_id=fields.get("c", ""),
+                last_event_id=fields.get("a", ""),
+                buffer_utilization=float(utilization) if utilization else None,
+            )
+
+    async def _follow(self, name: str, apply: Callable[[dict[str, str]], None]) -> None:
+        """Call *apply* with the fields of each entry other processes add to ``<prefix><name>``.
+
+        From the newest entry when it starts; errors are counted and retried with
+        back-off, from the last entry seen.
+        """
+        key, last, backoff = f"{self.prefix}{name}", None, MIN_BACKOFF
         while self.client is not None:
             try:
                 with trio.fail_after(READ_BLOCK_MS / 1000 + COMMAND_TIMEOUT):
@@ -702,7 +847,7 @@ class RedisBackend:
                         {key: last}, count=READ_COUNT, block=READ_BLOCK_MS
                     )
             except _ERRORS as error:
-                self.failed(error, "reading pause announcements")
+                self.failed(error, f"reading {name}")
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
@@ -713,12 +858,7 @@ class RedisBackend:
                     last = item.identifier.decode()
                     fields = {k.decode(): v.decode() for k, v in item.field_values.items()}
                     if fields.get("o") != self._origin:
-                        hub.apply_pause(
-                            fields.get("t", ""),
-                            fields.get("c", ""),
-                            fields.get("a") or None,
-                            paused=fields.get("p") == "1",
-                        )
+                        apply(fields)
 
     def problem(self) -> str | None:
         """``"redis unavailable"`` while operations fail, else ``None``."""
