@@ -387,6 +387,7 @@ class Hub:
         if not t.log.remote:
             return self.publish_nowait(topic, events)
         t.streams += 1  # keep the topic while we wait
+        started = trio.current_time()
         try:
             ids = await t.log.submit(events)
         except trio.WouldBlock:
@@ -395,6 +396,8 @@ class Hub:
         finally:
             t.streams -= 1
         self.published += len(ids)
+        if self.tracing is not None:
+            self.tracing.submitted(topic, ids, started, trio.current_time())
         self._check_saturation(t)
         return ids
 

@@ -567,3 +567,28 @@ async def test_redis_streaming_clients_stay_announced_while_they_stream(
     assert held == 1
     assert gone == 0
     assert forwarded is False
+
+
+# -- tracing ----------------------------------------------------------------------------------
+
+
+async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
+    """A publish to Redis gets its span, from the request to Redis's answer."""
+    from tests.runtime.test_observability import FakeTracer
+
+    tracer = FakeTracer()
+    backend = RedisBackend(redis.url, prefix="trace:")
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend, tracer=tracer)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            ids = await hub.submit("traced", [Event(data="a"), Event(data="b")])
+    (span,) = [s for s in tracer.spans if s.name == "trio_stream.publish"]
+    assert span.attributes == {
+        "messaging.destination.name": "traced",
+        "messaging.batch.message_count": 2,
+        "trio_stream.first_event_id": ids[0],
+        "trio_stream.last_event_id": ids[1],
+    }
+    assert span.start_time is not None
+    assert span.end_time is not None
+    assert span.end_time >= span.start_time
