@@ -375,7 +375,8 @@ class Hub:
             trio.WouldBlock: The topic's log is full of unexpired events (fail closed).
             LocalProtocolError: A bad topic or event name, or a batch too big to fit.
             TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
-            BackendUnavailableError: The backend cannot be reached; nothing was published.
+            BackendUnavailableError: The backend cannot be reached; nothing was published
+                (unless ``maybe_published``: the answer was lost, the outcome is unknown).
 
         Cancellation: with a remote backend, a cancelled call may or may not have
         published the events.
@@ -411,7 +412,8 @@ class Hub:
         Cancellation: safe; if cancelled, nothing was published. (With a remote
         backend, a call cancelled while Redis runs the append may have published.)
         Backpressure: waits until the oldest events expire when the log is full; with
-        a remote backend, also while it is unavailable.
+        a remote backend, also while it is unavailable. (Retrying after an answer lost
+        in a timeout, it may then publish the events twice: at least once.)
         """
         events = _checked(events)
         t = self._topic(topic)

@@ -18,6 +18,7 @@ import trio
 from trio_stream._core._events import Event, encode
 from trio_stream._core._ring import Entry, Resume
 from trio_stream._hub import Hub, HubConfig, open_hub
+from trio_stream._log import BackendUnavailableError
 from trio_stream.backends.redis import LEASE_AHEAD, RedisBackend, RedisLog, SharedBucket
 
 from ._processes import CliServer, cli_server
@@ -592,3 +593,53 @@ async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
     assert span.start_time is not None
     assert span.end_time is not None
     assert span.end_time >= span.start_time
+
+
+# -- publishes without an answer --------------------------------------------------------------
+
+
+_BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat
+  t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1])
+return 1
+"""
+
+
+async def _block_redis(port: int, seconds: float) -> None:
+    """Keep redis-server busy (a script spinning for *seconds*), from its own connection."""
+    micros = str(round(seconds * 1e6))
+    parts = ["EVAL", _BUSY, "0", micros]
+    command = f"*{len(parts)}\r\n" + "".join(f"${len(p.encode())}\r\n{p}\r\n" for p in parts)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(command.encode())
+        assert await stream.receive_some() == b":1\r\n"
+
+
+async def test_redis_publish_without_answer_says_it_may_have_published(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs the publish but answers after the timeout: the error says the outcome
+    is unknown (and indeed the events were published), not that nothing was."""
+    from trio_stream.backends import redis as module
+
+    backend = RedisBackend(redis.url, prefix="slow:")
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            await hub.submit("slow", [Event(data="first")])  # a connection to reuse
+            monkeypatch.setattr(module, "COMMAND_TIMEOUT", 0.2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_block_redis, redis.port, 0.6)
+                await trio.sleep(0.1)
+                with pytest.raises(BackendUnavailableError) as caught:
+                    await hub.submit("slow", [Event(data="second")])
+            log = hub.log("slow")
+            await wait_until(lambda: log.head >= 2)
+            entry = log.entry(2)
+    assert caught.value.maybe_published
+    assert "may or may not have been published" in str(caught.value)
+    assert entry is not None
+    assert entry.event.data == "second"

@@ -181,6 +181,13 @@ return 1
 """
 
 
+def _never_sent(error: BaseException) -> bool:
+    """Whether *error* says that no connection was made, so no command was sent."""
+    return isinstance(error, coredis.exceptions.ConnectionError) and str(error).startswith(
+        "Unable to establish a connection"
+    )
+
+
 def _split_id(event_id: str) -> tuple[int, int]:
     """``(ms, n)`` of an id ``<ms>-<n>``.
 
@@ -306,7 +313,9 @@ class RedisLog(MemoryLog):
                 process's (fail closed).
             BatchTooLargeError: The events could never fit, even in an empty log.
             LocalProtocolError: An event's data is not valid Unicode.
-            BackendUnavailableError: Redis could not be reached: nothing was published.
+            BackendUnavailableError: Redis could not be reached: nothing was published,
+                unless its ``maybe_published`` is true (the request may have reached
+                Redis, and its answer did not come back: the outcome is unknown).
 
         Cancellation: a cancelled call may or may not have published the events.
         """
@@ -331,8 +340,14 @@ class RedisLog(MemoryLog):
                 result: Any = await backend.script(keys=[self._key, self._meta], args=args)
         except _ERRORS as error:
             backend.failed(error, f"publishing to topic {self.topic!r}")
+            if _never_sent(error):
+                raise BackendUnavailableError(
+                    "redis unavailable: nothing was published", retry_after=PUBLISH_RETRY_AFTER
+                ) from None
             raise BackendUnavailableError(
-                "redis unavailable: nothing was published", retry_after=PUBLISH_RETRY_AFTER
+                "redis unavailable: no answer, the events may or may not have been published",
+                retry_after=PUBLISH_RETRY_AFTER,
+                maybe_published=True,
             ) from None
         backend.worked()
         accepted, value = result
