@@ -52,6 +52,7 @@ from ._core._events import (
     encode_retry as encode_retry,
 )
 from ._core._limits import (
+    Bucket as Bucket,
     CreditWindow as CreditWindow,
     Limiter as Limiter,
     SlidingWindow as SlidingWindow,
@@ -101,6 +102,7 @@ __all__ = [
     "Authorizer",
     "Backend",
     "BackendUnavailableError",
+    "Bucket",
     "ClientPausedError",
     "ClientStatistics",
     "Connection",

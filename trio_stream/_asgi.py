@@ -36,6 +36,7 @@ from ._core._errors import (
     LimitExceededError,
     LocalProtocolError,
     NotSentError,
+    RateLimitedError,
     TopicLimitError,
     UnknownClientError,
 )
@@ -71,6 +72,11 @@ REAUTH: Final = encode(Event(event="reauth", data='{"reason": "expired"}'))
 """What ends a stream whose grant expired: ``event: reauth``, no ``id:``."""
 DRAIN_WRITE_TIMEOUT: Final = 1.0
 BACKEND_LOAD_TIMEOUT: Final = 5.0
+POLL_WAIT: Final = 0.1
+"""A poll whose bucket has a token within this many seconds waits for it, not 429.
+
+(A shared bucket's tokens come from Redis a round trip after it first needs them.)
+"""
 CORS_EXPOSED: Final = b"X-Client-ID, Retry-After, X-Stream-Pause"
 CORS_ALLOWED_HEADERS: Final = b"Content-Type, Authorization, X-Client-ID, Last-Event-ID"
 BEARER_CHALLENGE: Final = (b"www-authenticate", b'Bearer realm="trio-stream"')
@@ -870,6 +876,7 @@ class App:
                 last_event_id=last_event_id,
                 buffer_utilization=utilization,
             ),
+            partial(self._forward_ack, topic, client_id, last_event_id, utilization),
         )
 
     async def _ack_many(self, request: _Request) -> None:
@@ -916,23 +923,73 @@ class App:
             isinstance(utilization, bool) or not isinstance(utilization, int | float)
         ):
             raise _HTTPError(400, "'buffer_utilization' must be a number from 0.0 to 1.0")
+        utilization = None if utilization is None else float(utilization)
         try:
             check_client_id(client_id)
         except LocalProtocolError as error:
             raise _HTTPError(400, str(error)) from None
-        return client_id, last_event_id, None if utilization is None else float(utilization)
+        return client_id, last_event_id, utilization
 
-    async def _acked(self, request: _Request, ack: Callable[[], None]) -> None:
-        """Apply *ack* (the hub's); answer ``204``, or the error it raises."""
+    async def _acked(
+        self,
+        request: _Request,
+        ack: Callable[[], None],
+        forward: Callable[[Exception, int], Awaitable[None]] | None = None,
+    ) -> None:
+        """Apply *ack* (the hub's); answer ``204``, or the error it raises.
+
+        An ack this process cannot apply (an unknown client, 404; an id not sent, 409)
+        goes to *forward* first, if given: its stream may be on another process.
+        """
         try:
             ack()
         except UnknownClientError as error:
-            raise _HTTPError(404, str(error)) from None
+            if forward is None:
+                raise _HTTPError(404, str(error)) from None
+            await forward(error, 404)
         except NotSentError as error:
-            raise _HTTPError(409, str(error)) from None
+            if forward is None:
+                raise _HTTPError(409, str(error)) from None
+            await forward(error, 409)
         except ValueError as error:  # LocalProtocolError included
             raise _HTTPError(400, str(error)) from None
         await self._respond(request, 204, b"", headers=self._cors(request))
+
+    async def _forward_ack(
+        self,
+        topic: str,
+        client_id: str,
+        last_event_id: str,
+        utilization: float | None,
+        error: Exception,
+        status: int,
+    ) -> None:
+        """An ack this process cannot apply goes to the processes streaming to the client.
+
+        With a backend (Redis), the stream may be on another process: the ack is
+        forwarded there and answered 204. Without one, or when no process streams to
+        the client, it is answered *status* (404 or 409), as *error* says.
+
+        Raises:
+            _HTTPError: *status*; 503 when the backend cannot be reached.
+        """
+        if status == 409:  # the hub knew the client: it counted the utilization already
+            utilization = None
+        backend = self.hub.config.backend
+        if backend is not None:
+            try:
+                if await backend.forward_ack(
+                    topic,
+                    client_id=client_id,
+                    last_event_id=last_event_id,
+                    buffer_utilization=utilization,
+                ):
+                    return
+            except BackendUnavailableError as unavailable:
+                raise _HTTPError(
+                    503, str(unavailable), headers=[_retry_after(unavailable.retry_after)]
+                ) from None
+        raise _HTTPError(status, str(error)) from None
 
     async def _poll(self, request: _Request, topic: str) -> None:
         grant = await self._authorize(request, "poll", (topic,))
@@ -955,8 +1012,17 @@ class App:
                 raise _HTTPError(400, f"limit must be a positive integer, got {raw[:50]!r}")
             limit = min(value, MAX_POLL_LIMIT)
         client_id = self._client_id(request, grant) or secrets.token_urlsafe(12)
+        poll = partial(poll, client_id=client_id, after=request.param("after"))
+        give_up = trio.current_time() + POLL_WAIT
         try:
-            result = poll(client_id=client_id, after=request.param("after"), limit=limit)
+            while True:
+                try:
+                    result = poll(limit=limit)
+                    break
+                except RateLimitedError as error:
+                    if trio.current_time() + error.retry_after > give_up:
+                        raise
+                    await trio.sleep(error.retry_after)
         except LimitExceededError as error:  # RateLimitedError included
             raise _HTTPError(429, str(error), headers=[_retry_after(error.retry_after)]) from None
         except TopicLimitError:

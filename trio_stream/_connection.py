@@ -372,22 +372,37 @@ class Connection:
                     overall.consume(now, n)
                 return n
         async with client.lock:
-            if bucket is not None:
-                ready = bucket.ready_at(trio.current_time())
-                if ready > self._heartbeat_at():
-                    await trio.sleep_until(self._heartbeat_at())
-                    return 0
-                await trio.sleep_until(ready)
-                want = min(want, bucket.available(trio.current_time()))
-            if overall is not None:
+            while True:
+                now = trio.current_time()
+                if bucket is not None and not bucket.available(now):
+                    ready = bucket.ready_at(now)
+                    if ready > self._heartbeat_at():
+                        await trio.sleep_until(self._heartbeat_at())
+                        return 0
+                    # A bucket shared by processes (Redis) may still be empty then:
+                    # its tokens came late, or another process took them. Look again.
+                    await trio.sleep_until(ready)
+                    continue
+                if overall is None:
+                    assert bucket is not None
+                    n = min(want, bucket.available(now))
+                    bucket.consume(now, n)
+                    return n
                 async with hub.global_lock:
-                    await trio.sleep_until(overall.ready_at(trio.current_time()))
-                    now = trio.current_time()
-                    want = min(want, overall.available(now))
-                    overall.consume(now, want)
-            if bucket is not None:
-                bucket.consume(trio.current_time(), want)  # tokens only grew meanwhile
-        return want
+                    while True:  # its deadline, then (shared by processes) look again
+                        now = trio.current_time()
+                        if overall.available(now):
+                            break
+                        await trio.sleep_until(overall.ready_at(now))
+                    n = min(want, overall.available(now))
+                    if bucket is not None:  # both at the same moment: neither goes over
+                        n = min(n, bucket.available(now))
+                    if n:
+                        overall.consume(now, n)
+                        if bucket is not None:
+                            bucket.consume(now, n)
+                        return n
+                # The client's tokens lapsed while it waited for the global bucket.
 
     async def _write(self, granted: trio.MemoryReceiveChannel[_Item], sink: Sink) -> None:
         hub = self.hub

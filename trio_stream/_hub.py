@@ -20,7 +20,7 @@ from ._core._errors import (
     TopicLimitError,
     UnknownClientError,
 )
-from ._core._limits import TokenBucket, _at_least_one, _non_negative, _positive
+from ._core._limits import Bucket, TokenBucket, _at_least_one, _non_negative, _positive
 from ._core._names import check_client_id, check_event_name, check_topic
 from ._core._ring import Entry, Gap, Resume
 from ._core._stats import LAG_BUCKETS, LATENCY_BUCKETS, RATIO_BUCKETS, Histogram
@@ -85,6 +85,33 @@ class Backend(Protocol):
 
     def problem(self) -> str | None:
         """What is wrong with the backend now (``None`` when it works)."""
+        ...
+
+    def bucket(self, key: str, rate: float, burst: int) -> Bucket:
+        """The bucket named *key* (``"global"``, ``"client:<id>"``) all processes share."""
+        ...
+
+    def check_id(self, event_id: str) -> None:
+        """Raise `ValueError` unless *event_id* has the shape of this backend's ids."""
+        ...
+
+    def share_client(self, client_id: str) -> None:
+        """Tell the other processes that this one holds a stream of *client_id*."""
+        ...
+
+    async def forward_ack(
+        self,
+        topic: str,
+        *,
+        client_id: str,
+        last_event_id: str,
+        buffer_utilization: float | None = None,
+    ) -> bool:
+        """Hand an ack to the processes streaming to the client; ``False`` if none does.
+
+        Raises:
+            BackendUnavailableError: The backend cannot be reached.
+        """
         ...
 
 
@@ -168,7 +195,7 @@ class _ClientTopic:
 @attrs.define(eq=False)
 class _Client:
     id: str
-    bucket: TokenBucket | None
+    bucket: Bucket | None
     lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
     streams: int = 0
     paused: dict[str, str | None] = attrs.field(factory=dict)
@@ -243,7 +270,7 @@ class Hub:
     config: HubConfig = attrs.field(factory=HubConfig)
     _topics: dict[str, _Topic] = attrs.field(factory=dict, init=False)
     _clients: dict[str, _Client] = attrs.field(factory=dict, init=False)
-    global_bucket: TokenBucket | None = attrs.field(init=False)
+    global_bucket: Bucket | None = attrs.field(init=False)
     global_lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock, init=False)
     connections: int = attrs.field(default=0, init=False)
     awaiting_acks: set[Connection] = attrs.field(factory=set, init=False)
@@ -278,8 +305,15 @@ class Hub:
 
             self.tracing = Tracing(cfg.tracer)
         self.global_bucket = (
-            TokenBucket(cfg.global_rate, cfg.global_burst or cfg.burst) if cfg.global_rate else None
+            self._bucket("global", cfg.global_rate, cfg.global_burst or cfg.burst)
+            if cfg.global_rate
+            else None
         )
+
+    def _bucket(self, key: str, rate: float, burst: int) -> Bucket:
+        """A bucket in this process, or, with a backend, one all processes share."""
+        backend = self.config.backend
+        return TokenBucket(rate, burst) if backend is None else backend.bucket(key, rate, burst)
 
     # -- topics and publishing ----------------------------------------------------------
 
@@ -356,7 +390,8 @@ class Hub:
             trio.WouldBlock: The topic's log is full of unexpired events (fail closed).
             LocalProtocolError: A bad topic or event name, or a batch too big to fit.
             TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
-            BackendUnavailableError: The backend cannot be reached; nothing was published.
+            BackendUnavailableError: The backend cannot be reached; nothing was published
+                (unless ``maybe_published``: the answer was lost, the outcome is unknown).
 
         Cancellation: with a remote backend, a cancelled call may or may not have
         published the events.
@@ -368,6 +403,7 @@ class Hub:
         if not t.log.remote:
             return self.publish_nowait(topic, events)
         t.streams += 1  # keep the topic while we wait
+        started = trio.current_time()
         try:
             ids = await t.log.submit(events)
         except trio.WouldBlock:
@@ -376,6 +412,8 @@ class Hub:
         finally:
             t.streams -= 1
         self.published += len(ids)
+        if self.tracing is not None:
+            self.tracing.submitted(topic, ids, started, trio.current_time())
         self._check_saturation(t)
         return ids
 
@@ -389,7 +427,8 @@ class Hub:
         Cancellation: safe; if cancelled, nothing was published. (With a remote
         backend, a call cancelled while Redis runs the append may have published.)
         Backpressure: waits until the oldest events expire when the log is full; with
-        a remote backend, also while it is unavailable.
+        a remote backend, also while it is unavailable. (Retrying after an answer lost
+        in a timeout, it may then publish the events twice: at least once.)
         """
         events = _checked(events)
         t = self._topic(topic)
@@ -442,7 +481,8 @@ class Hub:
                 if len(self._clients) >= self.config.max_clients:
                     raise LimitExceededError("too many clients", retry_after=self._retry_after())
             cfg = self.config
-            client = _Client(client_id, TokenBucket(cfg.rate, cfg.burst) if cfg.rate else None)
+            bucket = self._bucket(f"client:{client_id}", cfg.rate, cfg.burst) if cfg.rate else None
+            client = _Client(client_id, bucket)
         client.last_seen = now
         self._clients[client_id] = client
         return client
@@ -526,6 +566,7 @@ class Hub:
         client.streams += 1
         t.streams += 1
         self.connections += 1
+        self._share_client(client)
         return connection
 
     def _admit(self, client_id: str | None, key: str, ack: int | None) -> _Client:
@@ -608,7 +649,13 @@ class Hub:
         for t in held:
             t.streams += 1
         self.connections += 1
+        self._share_client(client)
         return connection
+
+    def _share_client(self, client: _Client) -> None:
+        backend = self.config.backend
+        if backend is not None:  # acks posted to other processes are forwarded here
+            backend.share_client(client.id)
 
     def _release(self, connection: Connection) -> None:
         for topic, record in connection.places():
@@ -681,8 +728,11 @@ class Hub:
         record = client.topics.get(topic) if client is not None else None
         if t is not None:
             position = t.log.parse(last_event_id)
-        else:
-            MemoryLog(topic).parse(last_event_id)  # malformed ids are a ValueError first
+        else:  # malformed ids are a ValueError first
+            if self.config.backend is not None:
+                self.config.backend.check_id(last_event_id)
+            else:
+                MemoryLog(topic).parse(last_event_id)
             position = None
         if client is None:
             raise UnknownClientError(f"unknown client {client_id!r}")

@@ -27,12 +27,16 @@ DEFAULT_TTL: Final = 30.0
 class BackendUnavailableError(TrioStreamError):
     """The backend that holds a topic's log (Redis) cannot be reached now.
 
-    Nothing was published; try again after *retry_after* seconds.
+    Nothing was published, unless *maybe_published* is true: the request may have
+    reached the backend and its answer was lost (a timeout), so the events may have
+    been published (publishing them again may publish them twice). Try again after
+    *retry_after* seconds.
     """
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float, maybe_published: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.maybe_published = maybe_published
 
 
 class LagWatcher(Protocol):

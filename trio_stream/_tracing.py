@@ -4,10 +4,11 @@ Needs ``opentelemetry-api`` (the ``tracing`` extra); the hub imports this module
 when a tracer is configured.
 
 With tracing off (the default) the hub holds no `Tracing` and nothing here runs. With
-it on, each publish gets a span, and each delivery a span from the event's publication
-to its write (and, in ack mode, to its ack), linked to the publish span and carrying
-the event id. Any exception a tracer raises is logged (once a minute at most) and
-swallowed: tracing never breaks streaming.
+it on, each publish gets a span (with Redis, from the request to Redis's answer), and
+each delivery a span from the event's publication to its write (and, in ack mode, to
+its ack), linked to the publish span (not across processes: with Redis, not at all)
+and carrying the event id. Any exception a tracer raises is logged (once a minute at
+most) and swallowed: tracing never breaks streaming.
 """
 
 from __future__ import annotations
@@ -84,6 +85,29 @@ class Tracing:
             context = span.get_span_context()
             for entry in entries:
                 entry.trace_context = context
+        except Exception:
+            self._failed()
+
+    def submitted(self, topic: str, ids: Sequence[str], started: float, ended: float) -> None:
+        """A span for one publish to a remote log (Redis), from the request to its answer.
+
+        Its events reach this process's log later, from the backend, without the span's
+        context: their delivery spans are not linked to it.
+        """
+        if not ids:
+            return
+        try:
+            span = self.tracer.start_span(
+                "trio_stream.publish",
+                attributes={
+                    "messaging.destination.name": topic,
+                    "messaging.batch.message_count": len(ids),
+                    "trio_stream.first_event_id": ids[0],
+                    "trio_stream.last_event_id": ids[-1],
+                },
+                start_time=self._ns(started),
+            )
+            span.end(end_time=self._ns(ended))
         except Exception:
             self._failed()
 

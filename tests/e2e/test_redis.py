@@ -8,6 +8,7 @@ tests skip, except under ``CI=true``, where they fail.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httpx
@@ -16,12 +17,14 @@ import trio
 
 from trio_stream._core._events import Event, encode
 from trio_stream._core._ring import Entry, Resume
-from trio_stream._hub import HubConfig, open_hub
-from trio_stream.backends.redis import RedisBackend, RedisLog
+from trio_stream._hub import Hub, HubConfig, open_hub
+from trio_stream._log import BackendUnavailableError
+from trio_stream.backends.redis import LEASE_AHEAD, RedisBackend, RedisLog, SharedBucket
 
 from ._processes import CliServer, cli_server
 from ._redis import RedisServer, redis_server
 from ._support import (
+    StreamReader,
     http_client,
     metrics,
     open_reader,
@@ -353,3 +356,290 @@ async def test_redis_websocket_stream_on_the_other_process(
                     if len(got) == 20:
                         break
     assert got == ids
+
+
+# -- limits across processes ------------------------------------------------------------------
+
+
+def event_times(readers: list[StreamReader]) -> list[float]:
+    """When each event of *readers* arrived, in order."""
+    pairs = (zip(r.blocks, r.times, strict=True) for r in readers)
+    return sorted(t for blocks in pairs for block, t in blocks if block.is_event)
+
+
+def busiest(times: list[float], window: float) -> int:
+    """The most events that arrived within any *window* seconds."""
+    most, j = 0, 0
+    for i, start in enumerate(times):
+        while j < len(times) and times[j] <= start + window:
+            j += 1
+        most = max(most, j - i)
+    return most
+
+
+async def test_redis_global_rate_holds_across_processes(redis: RedisServer, tmp_path: Path) -> None:
+    """Global 100/s, burst 20, on two processes: four streams over both get at most
+    100 * t + 20 events in any t seconds together (each process alone would allow 2x)."""
+    options = ["--global-rate", "100", "--global-burst", "20"]
+    with two_servers(redis, tmp_path, options) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            readers = [
+                await open_reader(nursery, c, "/streams/flood", headers={"X-Client-ID": f"c{i}"})
+                for i, c in enumerate([to_a, to_b, to_a, to_b])
+            ]
+            await publish_many(to_a, "flood", [str(i) for i in range(800)])
+            await trio.sleep(2.5)
+            nursery.cancel_scope.cancel()
+    times = event_times(readers)
+    most = busiest(times, 2.0)
+    assert most <= 100 * 2.0 + 20 + 20  # the limit, plus 10 % for the clocks of 2 sockets
+    assert most >= 150  # and it does let events go
+    assert all(r.events for r in readers)  # on both processes
+
+
+async def test_redis_client_rate_holds_across_processes(redis: RedisServer, tmp_path: Path) -> None:
+    """One client streaming from both processes: 50/s, burst 10 for both streams together."""
+    options = ["--rate", "50", "--burst", "10"]
+    who = {"X-Client-ID": "twin"}
+    with two_servers(redis, tmp_path, options) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            on_a = await open_reader(nursery, to_a, "/streams/twin", headers=who)
+            on_b = await open_reader(nursery, to_b, "/streams/twin", headers=who)
+            await publish_many(to_a, "twin", [str(i) for i in range(400)])
+            await trio.sleep(2.5)
+            nursery.cancel_scope.cancel()
+    most = busiest(event_times([on_a, on_b]), 2.0)
+    assert most <= 50 * 2.0 + 10 + 10
+    assert most >= 70
+    assert on_a.events
+    assert on_b.events
+
+
+async def _drain(bucket: SharedBucket, spent: list[float]) -> None:
+    """Take every token *bucket* gives, as soon as it gives it; note when."""
+    while True:
+        now = trio.current_time()
+        n = bucket.available(now)
+        if n:
+            bucket.consume(now, n)
+            spent += [now] * n
+        else:
+            await trio.sleep_until(bucket.ready_at(now))
+
+
+async def test_redis_shared_bucket_holds_for_all_holders_together(redis: RedisServer) -> None:
+    """Two backends (as two processes would) drain one shared bucket greedily: in any
+    window of t seconds, together at most 200 * t + 20 (+1), yet most of that."""
+    backends = [RedisBackend(redis.url, prefix="lease:") for _ in range(2)]
+    spent: list[list[float]] = [[], []]
+    # The key lives until the last slot leased: burst / rate, plus LEASE_AHEAD for the
+    # leases ahead of time, plus a lease reserved by each holder that waits.
+    horizon = 20 / 200 + LEASE_AHEAD + 2 * 20 / 200
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for backend in backends:
+                await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
+            buckets = [backend.bucket("global", 200.0, 20) for backend in backends]
+            for bucket, times in zip(buckets, spent, strict=True):
+                nursery.start_soon(_drain, bucket, times)
+            await trio.sleep(1.5)
+            pttl = await backends[0].client.pttl("lease:limit:global")
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:  # once idle, the key expires
+            await nursery.start(backends[0].run, Hub(HubConfig(backend=backends[0])))
+            await trio.sleep(horizon + 0.05)
+            left = await backends[0].client.exists(["lease:limit:global"])
+            nursery.cancel_scope.cancel()
+    times = sorted(spent[0] + spent[1])
+    for window in (0.05, 0.3, 1.0):
+        assert busiest(times, window) <= 200 * window + 20 + 1, window
+    assert busiest(times, 1.0) >= 0.9 * (200 + 20)
+    assert spent[0]
+    assert spent[1]
+    assert sum(b.requests for b in buckets) <= 2 * 1.5 * 2 / 0.1 + 4  # not one per token
+    assert 0 < pttl <= horizon * 1000 + 1
+    assert left == 0
+    assert backends[0].errors == backends[1].errors == 0
+
+
+async def test_redis_shared_bucket_fails_closed_without_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis does not answer: the bucket grants nothing, says when to look again, and
+    counts the errors. (A listener that never answers: coredis is then left clean.)"""
+    from trio_stream.backends import redis as module
+
+    monkeypatch.setattr(module, "COMMAND_TIMEOUT", 0.05)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, _silent, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            backend = RedisBackend(f"redis://127.0.0.1:{port}/0")
+            await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
+            bucket = backend.bucket("client:x", 100.0, 10)
+            now = trio.current_time()
+            first = bucket.ready_at(now)
+            await trio.sleep(0.4)
+            later = trio.current_time()
+            available, ready = bucket.available(later), bucket.ready_at(later)
+            nursery.cancel_scope.cancel()
+    assert first > now
+    assert available == 0
+    assert ready > later
+    assert backend.errors >= 2  # retried, with back-off
+    assert backend.problem() == "redis unavailable"
+
+
+async def _silent(stream: trio.SocketStream) -> None:
+    """A peer that reads everything and never answers."""
+    async with stream:
+        while await stream.receive_some():
+            pass
+
+
+# -- acks on any process ----------------------------------------------------------------------
+
+
+async def test_redis_acks_posted_to_the_other_process_keep_the_stream_flowing(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """An ack-mode stream on A whose acks all go to B: each ack releases the next window."""
+    who = {"X-Client-ID": "acker"}
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            httpx.AsyncClient(base_url=b.url, timeout=20) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            reader = await open_reader(nursery, to_a, "/streams/acked?ack=5", headers=who)
+            ids = await publish_many(to_a, "acked", [str(i) for i in range(20)])
+            statuses = []
+            for window in range(1, 4):
+                await reader.wait_events(5 * window)
+                await trio.sleep(0.2)  # no more than the window comes without an ack
+                assert len(reader.events) == 5 * window
+                last = reader.events[-1].id
+                body = {"client_id": "acker", "last_event_id": last, "buffer_utilization": 0.5}
+                response = await to_b.post("/streams/acked/ack", json=body)
+                statuses.append(response.status_code)
+            events = await reader.wait_events(20)
+            malformed = await to_b.post(
+                "/streams/acked/ack", json={"client_id": "acker", "last_event_id": "bogus"}
+            )
+            stranger = await to_b.post(
+                "/streams/acked/ack", json={"client_id": "nobody", "last_event_id": ids[0]}
+            )
+            other_topic = await to_b.post(
+                "/streams/elsewhere/ack", json={"client_id": "acker", "last_event_id": ids[0]}
+            )
+            nursery.cancel_scope.cancel()
+    assert statuses == [204, 204, 204]
+    assert [e.id for e in events] == ids
+    assert malformed.status_code == 400
+    assert stranger.status_code == 404
+    assert stranger.json()["error"] == "unknown client 'nobody'"
+    assert other_topic.status_code == 204  # forwarded; A ignores it (A would answer 409)
+
+
+async def test_redis_streaming_clients_stay_announced_while_they_stream(
+    redis: RedisServer,
+) -> None:
+    """The announcement that routes acks outlives ``client_ttl`` while the stream lasts,
+    and lapses after; then acks for the client are no longer forwarded."""
+    backend = RedisBackend(redis.url, prefix="who:")
+    key = "who:client:walker"
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend, client_ttl=0.6)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            with hub.connect("t", client_id="walker"):
+                await trio.sleep(1.5)  # 2.5 times client_ttl
+                held = await backend.client.exists([key])
+            await trio.sleep(0.6 + 0.2 + 0.1)  # the last renewal lapses
+            gone = await backend.client.exists([key])
+            forwarded = await backend.forward_ack("t", client_id="walker", last_event_id="1-1")
+    assert held == 1
+    assert gone == 0
+    assert forwarded is False
+
+
+# -- tracing ----------------------------------------------------------------------------------
+
+
+async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
+    """A publish to Redis gets its span, from the request to Redis's answer."""
+    from tests.runtime.test_observability import FakeTracer
+
+    tracer = FakeTracer()
+    backend = RedisBackend(redis.url, prefix="trace:")
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend, tracer=tracer)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            ids = await hub.submit("traced", [Event(data="a"), Event(data="b")])
+    (span,) = [s for s in tracer.spans if s.name == "trio_stream.publish"]
+    assert span.attributes == {
+        "messaging.destination.name": "traced",
+        "messaging.batch.message_count": 2,
+        "trio_stream.first_event_id": ids[0],
+        "trio_stream.last_event_id": ids[1],
+    }
+    assert span.start_time is not None
+    assert span.end_time is not None
+    assert span.end_time >= span.start_time
+
+
+# -- publishes without an answer --------------------------------------------------------------
+
+
+_BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat
+  t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1])
+return 1
+"""
+
+
+async def _block_redis(port: int, seconds: float) -> None:
+    """Keep redis-server busy (a script spinning for *seconds*), from its own connection."""
+    micros = str(round(seconds * 1e6))
+    parts = ["EVAL", _BUSY, "0", micros]
+    command = f"*{len(parts)}\r\n" + "".join(f"${len(p.encode())}\r\n{p}\r\n" for p in parts)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(command.encode())
+        assert await stream.receive_some() == b":1\r\n"
+
+
+async def test_redis_publish_without_answer_says_it_may_have_published(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs the publish but answers after the timeout: the error says the outcome
+    is unknown (and indeed the events were published), not that nothing was."""
+    from trio_stream.backends import redis as module
+
+    backend = RedisBackend(redis.url, prefix="slow:")
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            await hub.submit("slow", [Event(data="first")])  # a connection to reuse
+            monkeypatch.setattr(module, "COMMAND_TIMEOUT", 0.2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_block_redis, redis.port, 0.6)
+                await trio.sleep(0.1)
+                with pytest.raises(BackendUnavailableError) as caught:
+                    await hub.submit("slow", [Event(data="second")])
+            log = hub.log("slow")
+            await wait_until(lambda: log.head >= 2)
+            entry = log.entry(2)
+    assert caught.value.maybe_published
+    assert "may or may not have been published" in str(caught.value)
+    assert entry is not None
+    assert entry.event.data == "second"

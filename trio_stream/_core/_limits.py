@@ -16,7 +16,15 @@ from typing import Final, Protocol
 
 import attrs
 
-__all__ = ["CreditWindow", "Limiter", "SlidingWindow", "TokenBucket", "lag"]
+__all__ = [
+    "Bucket",
+    "CreditWindow",
+    "LeasedTokens",
+    "Limiter",
+    "SlidingWindow",
+    "TokenBucket",
+    "lag",
+]
 
 INFINITY: Final = math.inf
 
@@ -34,6 +42,28 @@ class Limiter(Protocol):
 
     def consume(self, now: float, n: int) -> None:
         """Record that *n* events went at *now* (at most ``available(now)``)."""
+        ...
+
+
+class Bucket(Limiter, Protocol):
+    """A `Limiter` with a rate and a size: what the hub's global and per-client limits are.
+
+    A `TokenBucket` in one process; with a backend, a bucket all processes share
+    (``trio_stream.backends.redis.SharedBucket``).
+    """
+
+    @property
+    def rate(self) -> float:
+        """Tokens added per second."""
+        ...
+
+    @property
+    def burst(self) -> int:
+        """The bucket's size."""
+        ...
+
+    def reset(self) -> None:
+        """Fill the bucket (as far as this process can)."""
         ...
 
 
@@ -137,6 +167,168 @@ class TokenBucket:
     def reset(self) -> None:
         """Fill the bucket."""
         self._tat = -INFINITY
+
+
+@attrs.define(eq=False)
+class _Lease:
+    """*count* tokens granted at once; token ``i`` may go from ``valid + i * interval``
+    until ``expiry + i * interval`` (both included)."""
+
+    valid: float
+    expiry: float
+    interval: float
+    count: int
+    used: int = 0
+    """Tokens from the front that went (or lapsed before they could)."""
+
+    def valid_at(self, i: int) -> float:
+        return self.valid + i * self.interval
+
+    def expiry_at(self, i: int) -> float:
+        return self.expiry + i * self.interval
+
+    def gone(self, now: float) -> int:
+        """Tokens from the front used or lapsed at *now*."""
+        i = math.ceil((now - self.expiry) / self.interval) if now > self.expiry else 0
+        i = max(self.used, min(self.count, i))
+        # Settle float rounding on the side of expiry_at(), the expression that decides.
+        while i > self.used and self.expiry_at(i - 1) >= now:
+            i -= 1
+        while i < self.count and self.expiry_at(i) < now:
+            i += 1
+        return i
+
+    def ripe(self, now: float) -> int:
+        """Tokens from the front whose window has opened at *now*."""
+        if now < self.valid:
+            return 0
+        k = min(self.count, math.floor((now - self.valid) / self.interval) + 1)
+        while k > 0 and self.valid_at(k - 1) > now:
+            k -= 1
+        while k < self.count and self.valid_at(k) <= now:
+            k += 1
+        return k
+
+    def available(self, now: float) -> int:
+        return max(0, self.ripe(now) - self.gone(now))
+
+
+@attrs.define(eq=False)
+class LeasedTokens:
+    """Tokens leased from a GCRA bucket held elsewhere, each usable in its own window.
+
+    A GCRA bucket of rate ``r`` and size ``b`` (`TokenBucket`, or one in Redis) gives
+    each token it grants a slot: the TAT it moved to, ``e``. A local bucket would let
+    that token go at ``e - b / r`` at the earliest. A leased token may go from then
+    until ``e``, not later: by then the shared bucket has refilled past it, and a token
+    kept longer would go on top of a full bucket. So however many holders lease from
+    one bucket, and however late they use their tokens, any ``t`` seconds see at most
+    ``r * t + b`` tokens go (plus one, for windows closed at both ends), as for one
+    bucket. Tokens not used in time are lost: holders may under-use, never over-use.
+
+    Times are absolute, on the caller's clock; `add` converts the remote bucket's
+    answer (relative to its own clock reading) into that clock, on the safe side.
+    """
+
+    _leases: deque[_Lease] = attrs.field(factory=deque, init=False)
+    debt: int = attrs.field(default=0, init=False)
+    """Tokens consumed beyond those available, taken from the next lease."""
+
+    def add(
+        self,
+        *,
+        sent_at: float,
+        received_at: float,
+        count: int,
+        interval: float,
+        span: float,
+        last_slot: float,
+    ) -> int:
+        """Add *count* tokens granted by a request sent at *sent_at*, answered at *received_at*.
+
+        Args:
+            sent_at: When the request left (the remote clock was read after this).
+            received_at: When the answer came (the remote clock was read before this).
+            count: Tokens granted, in slot order.
+            interval: Seconds between successive slots (``1 / rate``).
+            span: ``burst / rate``: how long before its slot a token may go.
+            last_slot: Seconds from the remote clock reading to the last token's slot.
+
+        Returns:
+            How many of them this holder can use: 0 when the round trip took longer
+            than *span*, so that no token's window remains (the lease is dropped).
+        """
+        if count <= 0:
+            return 0
+        first_slot = last_slot - (count - 1) * interval
+        lease = _Lease(
+            valid=received_at + first_slot - span,
+            expiry=sent_at + first_slot,
+            interval=interval,
+            count=count,
+        )
+        if lease.valid > lease.expiry:
+            return 0
+        paid = min(self.debt, count)
+        self.debt -= paid
+        lease.used = paid
+        if paid < count:
+            self._leases.append(lease)
+        return count - paid
+
+    def _prune(self, now: float) -> None:
+        leases = self._leases
+        while leases and leases[0].gone(now) >= leases[0].count:
+            leases.popleft()
+
+    def available(self, now: float) -> int:
+        """Tokens that may go at *now*."""
+        self._prune(now)
+        return sum(lease.available(now) for lease in self._leases)
+
+    def remaining(self, now: float) -> int:
+        """Tokens held and not lapsed at *now*, whether their window has opened or not."""
+        self._prune(now)
+        return sum(lease.count - lease.gone(now) for lease in self._leases)
+
+    def ready_at(self, now: float, n: int = 1) -> float | None:
+        """The earliest time at or after *now* when *n* tokens held may go.
+
+        ``None`` when the tokens held will never make *n* at once (more must be leased).
+        """
+        if self.available(now) >= n:
+            return now
+        for lease in self._leases:  # windows open in lease order, then index order
+            for i in range(lease.gone(now), lease.count):
+                at = lease.valid_at(i)
+                if at > now and self.available(at) >= n:
+                    return at
+                if n == 1:
+                    break  # the first token held is the first to ripen
+        return None
+
+    def consume(self, now: float, n: int) -> None:
+        """Take *n* tokens at *now*, the soonest to lapse first.
+
+        Taking more than `available` does not fail: the difference becomes `debt`,
+        paid from the next lease, so that over time no more go than were granted.
+        """
+        for lease in self._leases:
+            if n <= 0:
+                break
+            gone = lease.gone(now)
+            take = min(n, max(0, lease.ripe(now) - gone))
+            if take:
+                lease.used = gone + take
+                n -= take
+        if n > 0:
+            self.debt += n
+        self._prune(now)
+
+    def clear(self) -> None:
+        """Drop every token held, and the debt."""
+        self._leases.clear()
+        self.debt = 0
 
 
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)  # checked once, at init: fast

@@ -24,13 +24,26 @@ Local positions are the event numbers, so they stay contiguous across processes.
 When Redis cannot be reached, publishing raises `BackendUnavailableError` (the app
 answers 503), open streams keep their heartbeats, and each reader retries with back-off
 from the last id it saw: nothing accepted is lost or repeated.
+
+Limits: the global bucket and each client's bucket are shared (`SharedBucket`): one GCRA
+state per bucket in Redis (``<prefix>limit:global``, ``<prefix>limit:client:<id>``,
+expiring once the bucket is full again), from which each process leases a few tokens at
+a time (`LeasedTokens`), so that the limits hold for all processes together while the
+per-event path stays local. While Redis cannot be reached, they grant nothing.
+
+Acks: a process that opens a stream for a client says so in ``<prefix>client:<id>``
+(expiring after ``client_ttl``, renewed while the stream lasts); an ack posted to a
+process that cannot apply it is forwarded through the capped stream ``<prefix>acks``,
+which every process follows (as it follows the pause announcements, ``<prefix>pauses``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -40,16 +53,18 @@ import coredis.exceptions
 import trio
 from coredis.tokens import PureToken
 
+from .._core._errors import TrioStreamError
 from .._core._events import Event, encode
+from .._core._limits import LeasedTokens, _at_least_one, _positive
 from .._core._ring import Entry, Resume, Ring
 from .._log import BackendUnavailableError, MemoryLog, acceptance
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from .._hub import Hub, HubConfig
 
-__all__ = ["DEFAULT_PREFIX", "RedisBackend", "RedisLog"]
+__all__ = ["DEFAULT_PREFIX", "RedisBackend", "RedisLog", "SharedBucket"]
 
 logger: Final = logging.getLogger("trio_stream")
 
@@ -64,6 +79,16 @@ PUBLISH_RETRY_AFTER: Final = 1.0
 META_IDLE_MS: Final = 7 * 24 * 3600 * 1000
 PAUSES_KEPT: Final = 10_000
 """Pause announcements kept (about) in ``<prefix>pauses``, for the processes to follow."""
+ACKS_KEPT: Final = 10_000
+"""Forwarded acks kept (about) in ``<prefix>acks``, for the processes to follow."""
+LEASE_AHEAD: Final = 0.1
+"""Seconds before its window opens that a shared bucket's token may be leased.
+
+A busy shared bucket leases about ``rate * LEASE_AHEAD`` tokens at a time, so asks
+Redis at most about ``2 / LEASE_AHEAD`` times a second, whatever its rate.
+"""
+LEASE_FLOOR: Final = 0.005
+"""A shared bucket waiting for a lease says it is ready no sooner than this from now."""
 
 _ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
@@ -112,6 +137,55 @@ redis.call('PEXPIRE', stream, ARGV[4])
 redis.call('PEXPIRE', meta, ARGV[5])
 return {1, ids}
 """
+
+_LEASE: Final = """
+local key = KEYS[1]
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local want, ahead, need = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', key) or '0')
+if tat < now then tat = now end
+local n = math.min(want, math.floor((now + burst * interval + ahead - tat) / interval))
+if n < need then n = need end
+if n > 0 then
+  tat = tat + n * interval
+  redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+else
+  n = 0
+end
+return {n, string.format('%.17g', tat - now)}
+"""
+"""GCRA in microseconds of Redis's clock; the key holds the TAT and expires once it passes.
+
+Grants up to ``want`` tokens whose slots end at most ``burst * interval + ahead`` after
+now (so that each is leased at most ``ahead`` before its window opens), but at least
+``need`` however far ahead; answers how many, and how far ahead of now the last slot
+(or, granting none, the TAT) lies.
+"""
+
+_REGISTER: Final = """
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], '1', 'PX', ARGV[1])
+end
+return #KEYS
+"""
+
+_FORWARD_ACK: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'o', ARGV[2], 't', ARGV[3],
+           'c', ARGV[4], 'a', ARGV[5], 'u', ARGV[6])
+return 1
+"""
+
+
+def _never_sent(error: BaseException) -> bool:
+    """Whether *error* says that no connection was made, so no command was sent."""
+    return isinstance(error, coredis.exceptions.ConnectionError) and str(error).startswith(
+        "Unable to establish a connection"
+    )
 
 
 def _split_id(event_id: str) -> tuple[int, int]:
@@ -242,7 +316,9 @@ class RedisLog(MemoryLog):
                 process's (fail closed).
             BatchTooLargeError: The events could never fit, even in an empty log.
             LocalProtocolError: An event's data is not valid Unicode.
-            BackendUnavailableError: Redis could not be reached: nothing was published.
+            BackendUnavailableError: Redis could not be reached: nothing was published,
+                unless its ``maybe_published`` is true (the request may have reached
+                Redis, and its answer did not come back: the outcome is unknown).
 
         Cancellation: a cancelled call may or may not have published the events.
         """
@@ -267,8 +343,14 @@ class RedisLog(MemoryLog):
                 result: Any = await backend.script(keys=[self._key, self._meta], args=args)
         except _ERRORS as error:
             backend.failed(error, f"publishing to topic {self.topic!r}")
+            if _never_sent(error):
+                raise BackendUnavailableError(
+                    "redis unavailable: nothing was published", retry_after=PUBLISH_RETRY_AFTER
+                ) from None
             raise BackendUnavailableError(
-                "redis unavailable: nothing was published", retry_after=PUBLISH_RETRY_AFTER
+                "redis unavailable: no answer, the events may or may not have been published",
+                retry_after=PUBLISH_RETRY_AFTER,
+                maybe_published=True,
             ) from None
         backend.worked()
         accepted, value = result
@@ -391,6 +473,158 @@ class RedisLog(MemoryLog):
 
 
 @attrs.define(eq=False)
+class SharedBucket:
+    """A token bucket every process on the Redis server draws from; made by `RedisBackend`.
+
+    The same interface as `TokenBucket` (``available``, ``consume``, ``ready_at``,
+    ``rate``, ``burst``, ``reset``), all synchronous and local: the bucket's state is a
+    GCRA TAT in Redis, and this process holds a few tokens leased from it
+    (`LeasedTokens`), each usable only within its own window, so that all processes
+    together never let more than ``rate * t + burst`` events go in ``t`` seconds.
+
+    Leasing is a task in the backend's nursery, one at a time per bucket, started when
+    `consume` leaves fewer than half a lease, or when `ready_at` finds no token held. A
+    lease is up to ``rate * LEASE_AHEAD`` tokens (at least 1, at most ``burst``): those
+    whose windows open within ``LEASE_AHEAD``, so all of them after a quiet spell. When
+    a caller waits and fewer are that close (other processes took them), Redis reserves
+    a whole lease after theirs (first come, first served): the caller learns exactly
+    when it may go, and busy processes take turns by leases, not by tokens.
+    Until a lease comes, `ready_at` answers when one is expected, never sooner than
+    ``LEASE_FLOOR`` from now: a caller that wakes then and finds no token asks again.
+    While Redis cannot be reached the bucket grants nothing (fail closed) and retries
+    with back-off.
+
+    Tokens leased and not used in time are lost (this under-delivers, never over-);
+    `consume` beyond `available` does not fail but is paid from the next lease.
+
+    Args:
+        backend: The Redis backend (running, or to be run) that holds the bucket.
+        key: The Redis key of its state.
+        rate: Tokens added per second, for all processes together.
+        burst: The bucket's size, for all processes together.
+
+    Attributes:
+        leased: Tokens leased from Redis so far (statistics).
+        requests: Lease requests answered by Redis so far (statistics).
+    """
+
+    backend: RedisBackend
+    key: str
+    rate: float = attrs.field(validator=_positive)
+    burst: int = attrs.field(validator=_at_least_one)
+    leased: int = attrs.field(default=0, init=False)
+    requests: int = attrs.field(default=0, init=False)
+    _tokens: LeasedTokens = attrs.field(factory=LeasedTokens, init=False)
+    _size: int = attrs.field(init=False)
+    _leasing: bool = attrs.field(default=False, init=False)
+    _wanted: bool = attrs.field(default=False, init=False)
+    """Someone waits and no token is held: the next request reserves a whole lease."""
+    _next_request: float = attrs.field(default=-math.inf, init=False)
+    """After a refusal: no request before this, unless someone waits."""
+    _retry_at: float = attrs.field(default=-math.inf, init=False)
+    """After an error: no request before this."""
+    _ripens: float = attrs.field(default=-math.inf, init=False)
+    """When the next token Redis grants can open its window, as of its last answer."""
+    _backoff: float = attrs.field(default=MIN_BACKOFF, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._size = min(self.burst, max(1, math.ceil(self.rate * LEASE_AHEAD)))
+
+    def available(self, now: float) -> int:
+        """Tokens at hand that may go at *now* (0 to about ``burst``)."""
+        return self._tokens.available(now)
+
+    def consume(self, now: float, n: int) -> None:
+        """Take *n* tokens at *now*; lease more if fewer than half a lease remain.
+
+        Taking more than `available` is paid from the next lease (no exception).
+        """
+        tokens = self._tokens
+        tokens.consume(now, n)
+        if tokens.remaining(now) * 2 < self._size or tokens.debt:
+            self._lease_soon(now)
+
+    def ready_at(self, now: float, n: int = 1) -> float:
+        """When *n* tokens should be at hand: exact for tokens held, else an estimate.
+
+        Raises:
+            ValueError: *n* exceeds ``burst``, so it would never be ready.
+        """
+        if n > self.burst:
+            raise ValueError(f"cannot wait for {n} tokens in a bucket of {self.burst}")
+        at = self._tokens.ready_at(now, n)
+        if at is not None:
+            return at
+        self._wanted = True
+        self._lease_soon(now)
+        return max(now, self._ripens, self._retry_at) + LEASE_FLOOR
+
+    def reset(self) -> None:
+        """Drop the tokens held here (the state in Redis, shared, is left alone)."""
+        self._tokens.clear()
+
+    def _lease_soon(self, now: float) -> None:
+        if self._leasing or (now < self._next_request and not self._wanted):
+            return
+        if self.backend.spawn(self._lease):
+            self._leasing = True
+        else:  # not running (yet, or any more): nothing to lease from
+            self._retry_at = now + MIN_BACKOFF
+
+    async def _lease(self) -> None:
+        """Lease tokens; while someone waits for them, until some are granted."""
+        try:
+            while self.backend.lease_script is not None:
+                if self._retry_at > trio.current_time():
+                    await trio.sleep_until(self._retry_at)
+                if await self._request() or not self._wanted:
+                    return
+        finally:
+            self._leasing = False
+
+    async def _request(self) -> bool:
+        """One lease request; whether tokens were granted."""
+        backend = self.backend
+        script = backend.lease_script
+        if script is None:
+            return False
+        interval = 1 / self.rate
+        span = self.burst * interval
+        args = [repr(1e6 * interval), self.burst, self._size, round(LEASE_AHEAD * 1e6)]
+        args.append(self._size if self._wanted else 0)
+        sent = trio.current_time()
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                count, last = await script(keys=[self.key], args=args)
+        except _ERRORS as error:
+            backend.failed(error, "leasing tokens")
+            self._retry_at = trio.current_time() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            return False
+        backend.worked()
+        received = trio.current_time()
+        self.requests += 1
+        self._backoff = MIN_BACKOFF
+        count, last_slot = int(count), float(last) / 1e6
+        self._ripens = received + last_slot + interval - span
+        if count <= 0:
+            # One can be leased LEASE_AHEAD before its window opens.
+            self._next_request = self._ripens - LEASE_AHEAD
+            return False
+        self.leased += count
+        self._wanted = False
+        self._tokens.add(
+            sent_at=sent,
+            received_at=received,
+            count=count,
+            interval=interval,
+            span=span,
+            last_slot=last_slot,
+        )
+        return True
+
+
+@attrs.define(eq=False)
 class RedisBackend:
     """Topic logs on one Redis server, shared by every process configured alike.
 
@@ -413,10 +647,16 @@ class RedisBackend:
     client: Any = attrs.field(default=None, init=False)
     script: Any = attrs.field(default=None, init=False)
     clock: Any = attrs.field(default=None, init=False)
+    lease_script: Any = attrs.field(default=None, init=False)
+    _register_script: Any = attrs.field(default=None, init=False)
+    _forward_script: Any = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _waiting: list[RedisLog] = attrs.field(factory=list, init=False)
     _failing: bool = attrs.field(default=False, init=False)
     _origin: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    _streaming: set[str] = attrs.field(factory=set, init=False)
+    """Clients this process holds streams of, as announced in ``<prefix>client:<id>``."""
+    _client_ttl: float = attrs.field(default=300.0, init=False)
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -438,12 +678,32 @@ class RedisBackend:
             self._waiting.append(log)
         return log
 
+    def bucket(self, key: str, rate: float, burst: int) -> SharedBucket:
+        """The bucket named *key* that every process on this Redis server shares."""
+        return SharedBucket(self, f"{self.prefix}limit:{key}", rate, burst)
+
+    def check_id(self, event_id: str) -> None:
+        """Check that *event_id* has the shape of this backend's ids (``<ms>-<n>``).
+
+        Raises:
+            ValueError: It does not.
+        """
+        _split_id(event_id)
+
+    def spawn(self, task: Callable[[], Any]) -> bool:
+        """Run *task* in the backend's nursery; ``False`` (and nothing done) unless running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(task)
+        return True
+
     async def run(
         self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Open the connection pool and run the topics' readers until cancelled.
 
-        Also follows the other processes' pause announcements, applied to *hub*.
+        Also follows the other processes' pause announcements and forwarded acks,
+        applied to *hub*, and keeps this process's streaming clients announced.
         """
         client: Any = coredis.Redis.from_url(self.url, max_connections=self.max_connections)
         try:
@@ -451,16 +711,23 @@ class RedisBackend:
                 self.client = client
                 self.script = client.register_script(_PUBLISH)
                 self.clock = client.register_script("return redis.call('TIME')")
+                self.lease_script = client.register_script(_LEASE)
+                self._register_script = client.register_script(_REGISTER)
+                self._forward_script = client.register_script(_FORWARD_ACK)
+                self._client_ttl = hub.config.client_ttl
                 self._nursery = nursery
                 for log in self._waiting:
                     nursery.start_soon(log.follow)
-                nursery.start_soon(self._follow_pauses, hub)
+                nursery.start_soon(self._follow, "pauses", partial(self._apply_pause, hub))
+                nursery.start_soon(self._follow, "acks", partial(self._apply_ack, hub))
+                nursery.start_soon(self._renew_clients, hub)
                 self._waiting.clear()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self.client = self.script = self.clock = None
+            self.client = self.script = self.clock = self.lease_script = None
+            self._register_script = self._forward_script = None
 
     async def redis_time(self) -> float:
         """The Redis server's clock, in seconds since the epoch."""
@@ -487,9 +754,108 @@ class RedisBackend:
         except _ERRORS as error:
             self.failed(error, "announcing a pause")
 
-    async def _follow_pauses(self, hub: Hub) -> None:
-        """Apply the pause announcements of the other processes to *hub*."""
-        key, last, backoff = f"{self.prefix}pauses", None, MIN_BACKOFF
+    def _apply_pause(self, hub: Hub, fields: dict[str, str]) -> None:
+        hub.apply_pause(
+            fields.get("t", ""),
+            fields.get("c", ""),
+            fields.get("a") or None,
+            paused=fields.get("p") == "1",
+        )
+
+    def share_client(self, client_id: str) -> None:
+        """Announce that this process holds a stream of *client_id*.
+
+        So that an ack posted to another process is forwarded (`forward_ack`) instead
+        of answered 404. The announcement lasts ``client_ttl`` seconds (as long as an
+        idle client's entry), renewed while the client streams here.
+        """
+        if self._nursery is not None and client_id not in self._streaming:
+            self._streaming.add(client_id)
+            self._nursery.start_soon(self._register, [client_id])
+
+    async def _register(self, client_ids: list[str]) -> None:
+        ttl_ms = max(1, math.ceil(self._client_ttl * 1000))
+        try:
+            for i in range(0, len(client_ids), READ_COUNT):
+                keys = [f"{self.prefix}client:{c}" for c in client_ids[i : i + READ_COUNT]]
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    await self._register_script(keys=keys, args=[ttl_ms])
+        except _ERRORS as error:
+            self.failed(error, "announcing streaming clients")
+
+    async def _renew_clients(self, hub: Hub) -> None:
+        """Renew the announcements of the clients that still stream here, now and then."""
+        while True:
+            await trio.sleep(self._client_ttl / 3)
+            renew = []
+            for client_id in list(self._streaming):
+                try:
+                    streaming = hub.client_statistics(client_id).streams > 0
+                except TrioStreamError:  # forgotten
+                    streaming = False
+                if streaming:
+                    renew.append(client_id)
+                else:  # its announcement lapses by itself
+                    self._streaming.discard(client_id)
+            if renew:
+                await self._register(renew)
+
+    async def forward_ack(
+        self,
+        topic: str,
+        *,
+        client_id: str,
+        last_event_id: str,
+        buffer_utilization: float | None = None,
+    ) -> bool:
+        """Hand an ack this process cannot apply to the processes streaming to the client.
+
+        They apply it with `Hub.ack` when they read it, a few milliseconds later (errors
+        there, such as an id never sent, are ignored). Returns ``False``, forwarding
+        nothing, when no process announced a stream of *client_id* (`share_client`)
+        within ``client_ttl``.
+
+        Raises:
+            BackendUnavailableError: Redis could not be reached: the ack may be lost.
+        """
+        script = self._forward_script
+        if script is None:
+            raise BackendUnavailableError(
+                "redis unavailable: the ack was not forwarded", retry_after=PUBLISH_RETRY_AFTER
+            )
+        keys = [f"{self.prefix}client:{client_id}", f"{self.prefix}acks"]
+        utilization = "" if buffer_utilization is None else repr(buffer_utilization)
+        args = [ACKS_KEPT, self._origin, topic, client_id, last_event_id, utilization]
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                done = await script(keys=keys, args=args)
+        except _ERRORS as error:
+            self.failed(error, "forwarding an ack")
+            raise BackendUnavailableError(
+                "redis unavailable: the ack may not have been forwarded",
+                retry_after=PUBLISH_RETRY_AFTER,
+            ) from None
+        self.worked()
+        return bool(int(done))
+
+    def _apply_ack(self, hub: Hub, fields: dict[str, str]) -> None:
+        utilization = fields.get("u")
+        # Not a client of ours, or not sent by us: some other process's business.
+        with contextlib.suppress(TrioStreamError, ValueError):
+            hub.ack(
+                fields.get("t", ""),
+                client_id=fields.get("c", ""),
+                last_event_id=fields.get("a", ""),
+                buffer_utilization=float(utilization) if utilization else None,
+            )
+
+    async def _follow(self, name: str, apply: Callable[[dict[str, str]], None]) -> None:
+        """Call *apply* with the fields of each entry other processes add to ``<prefix><name>``.
+
+        From the newest entry when it starts; errors are counted and retried with
+        back-off, from the last entry seen.
+        """
+        key, last, backoff = f"{self.prefix}{name}", None, MIN_BACKOFF
         while self.client is not None:
             try:
                 with trio.fail_after(READ_BLOCK_MS / 1000 + COMMAND_TIMEOUT):
@@ -500,7 +866,7 @@ class RedisBackend:
                         {key: last}, count=READ_COUNT, block=READ_BLOCK_MS
                     )
             except _ERRORS as error:
-                self.failed(error, "reading pause announcements")
+                self.failed(error, f"reading {name}")
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
@@ -511,12 +877,7 @@ class RedisBackend:
                     last = item.identifier.decode()
                     fields = {k.decode(): v.decode() for k, v in item.field_values.items()}
                     if fields.get("o") != self._origin:
-                        hub.apply_pause(
-                            fields.get("t", ""),
-                            fields.get("c", ""),
-                            fields.get("a") or None,
-                            paused=fields.get("p") == "1",
-                        )
+                        apply(fields)
 
     def problem(self) -> str | None:
         """``"redis unavailable"`` while operations fail, else ``None``."""
