@@ -896,6 +896,7 @@ class App:
                 last_event_id=last_event_id,
                 buffer_utilization=utilization,
             ),
+            partial(self._forward_ack, "", client_id, last_event_id, utilization),
         )
 
     async def _ack_body(

@@ -69,3 +69,31 @@ async def test_a_stream_of_several_topics_resumes_on_the_other_process(
                 nursery.cancel_scope.cancel()
     assert not any(block.event == "reset" for block in resumed.blocks)
     assert seen(resumed.events) == seen(got)[3:] + more
+
+
+async def test_acks_of_a_stream_of_several_topics_may_go_to_the_other_process(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(30):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            reader = await open_reader(
+                nursery, to_a, "/streams?topic=x&topic=y&ack=2", headers={"X-Client-ID": "k"}
+            )
+            for i in range(3):
+                await publish(to_a, "x", {"data": f"x{i}"})
+                await publish(to_a, "y", {"data": f"y{i}"})
+            first = await reader.wait_events(2)
+            await trio.sleep(0.3)
+            assert len(reader.events) == 2  # the window is full
+            body = {"client_id": "k", "last_event_id": first[1].id}
+            response = await to_b.post("/streams/_ack", json=body)  # not where it streams
+            assert response.status_code == 204
+            events = await reader.wait_events(4)
+            assert seen(events) == [("x", "x0"), ("y", "y0"), ("x", "x1"), ("y", "y1")]
+            unknown = {"client_id": "nobody", "last_event_id": first[1].id}
+            assert (await to_b.post("/streams/_ack", json=unknown)).status_code == 404
+            nursery.cancel_scope.cancel()

@@ -810,6 +810,8 @@ class RedisBackend:
     ) -> bool:
         """Hand an ack this process cannot apply to the processes streaming to the client.
 
+        *topic* is ``""`` for the composite id of a stream of several topics.
+
         They apply it with `Hub.ack` when they read it, a few milliseconds later (errors
         there, such as an id never sent, are ignored). Returns ``False``, forwarding
         nothing, when no process announced a stream of *client_id* (`share_client`)
@@ -841,13 +843,21 @@ class RedisBackend:
     def _apply_ack(self, hub: Hub, fields: dict[str, str]) -> None:
         utilization = fields.get("u")
         # Not a client of ours, or not sent by us: some other process's business.
+        topic = fields.get("t", "")
         with contextlib.suppress(TrioStreamError, ValueError):
-            hub.ack(
-                fields.get("t", ""),
-                client_id=fields.get("c", ""),
-                last_event_id=fields.get("a", ""),
-                buffer_utilization=float(utilization) if utilization else None,
-            )
+            if topic:
+                hub.ack(
+                    topic,
+                    client_id=fields.get("c", ""),
+                    last_event_id=fields.get("a", ""),
+                    buffer_utilization=float(utilization) if utilization else None,
+                )
+            else:  # no topic: an ack of a stream of several topics (a composite id)
+                hub.ack_many(
+                    client_id=fields.get("c", ""),
+                    last_event_id=fields.get("a", ""),
+                    buffer_utilization=float(utilization) if utilization else None,
+                )
 
     async def _follow(self, name: str, apply: Callable[[dict[str, str]], None]) -> None:
         """Call *apply* with the fields of each entry other processes add to ``<prefix><name>``.
