@@ -39,6 +39,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be yes or no, got {text!r}")
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or math.isinf(value):
@@ -124,6 +133,14 @@ OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
     ),
     ("--backend", str, "memory", "'memory', or 'redis://host:port/db' (needs the redis extra)"),
     (
+        "--shared-client-limits",
+        _yes_no,
+        False,
+        "with --backend redis://...: 'yes' makes --rate/--burst hold for a client across "
+        "all processes (a Redis request per client and lease: costly with many sparse "
+        "clients); 'no' applies them per process (--global-rate is always shared)",
+    ),
+    (
         "--auth-secret",
         str,
         None,
@@ -202,7 +219,7 @@ def _options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def _backend(url: str, max_topics: int) -> Backend | None:
+def _backend(url: str, max_topics: int, *, shared_client_limits: bool = False) -> Backend | None:
     """The backend ``--backend`` names (``None`` for ``memory``).
 
     Raises:
@@ -218,7 +235,9 @@ def _backend(url: str, max_topics: int) -> Backend | None:
         raise SystemExit(
             f"--backend {url!r} needs coredis ({error}): pip install 'trio-stream[redis]'"
         ) from None
-    return RedisBackend(url, max_connections=max_topics + 64)
+    return RedisBackend(
+        url, max_connections=max_topics + 64, shared_client_limits=shared_client_limits
+    )
 
 
 def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
@@ -228,7 +247,11 @@ def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
         SystemExit: An option value is not acceptable (with a message saying which).
     """
     get = options.get
-    backend = _backend(str(get("backend") or "memory"), int(get("max_topics", 10_000)))
+    backend = _backend(
+        str(get("backend") or "memory"),
+        int(get("max_topics", 10_000)),
+        shared_client_limits=bool(get("shared_client_limits", False)),
+    )
     try:
         hub = HubConfig(
             rate=float(get("rate", 100.0)),
