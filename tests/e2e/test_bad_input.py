@@ -436,6 +436,64 @@ async def test_odd_after_in_a_poll_is_a_reset_not_an_error(guarded: Guarded) -> 
         assert [event["id"] for event in body["events"]] == ids
 
 
+ODD_COMPOSITES = [
+    "00000000~",
+    "00000000~~",
+    "0" * 8 + "~x" * 5_000,
+    "ffffffff~a-000000000001~b-000000000001",
+    "~" * 100,
+    "zz~zz~zz",
+    "\x00~\n~\r",
+    "é😀~\u2028",
+]
+
+
+@pytest.mark.parametrize("last_event_id", ODD_COMPOSITES, ids=short)
+async def test_odd_ids_on_a_stream_of_several_topics_reset_each_topic(
+    guarded: Guarded, last_event_id: str
+) -> None:
+    client = guarded.client
+    await publish(client, "several-a", [{"data": "a"}])
+    await publish(client, "several-b", [{"data": "b"}])
+    target = f"/streams?topic=several-a&topic=several-b&last_event_id={quote(last_event_id)}"
+    async with await open_raw(guarded.server.url, target) as response:
+        assert response.status == 200
+        events = await response.read_events(4)
+    resets = [event.json() for event in events[:2]]
+    assert resets == [
+        {"reason": "unknown", "last_event_id": last_event_id, "topic": "several-a"},
+        {"reason": "unknown", "last_event_id": last_event_id, "topic": "several-b"},
+    ]
+    assert [(event.event, event.data) for event in events[2:]] == [
+        ("several-a", "a"),
+        ("several-b", "b"),
+    ]
+    polled = await client.get(
+        "/streams/_poll",
+        params={"topic": ["several-a", "several-b"], "after": last_event_id},
+    )
+    assert polled.status_code == 200
+    assert polled.json()["reset"] is True
+
+
+async def test_odd_acks_of_streams_of_several_topics_are_4xx(guarded: Guarded) -> None:
+    client = guarded.client
+    for last_event_id in ODD_COMPOSITES:
+        body = {"client_id": "canary", "last_event_id": last_event_id}
+        response = await client.post("/streams/_ack", json=body)
+        assert 400 <= response.status_code < 500, (last_event_id[:40], response.text)
+        assert_json_error(response, response.status_code)
+    odd: list[object] = [
+        {"client_id": "canary", "last_event_id": 7},
+        [],
+        "x",
+        {"last_event_id": "a"},
+    ]
+    for value in odd:
+        response = await client.post("/streams/_ack", json=value)
+        assert_json_error(response, 400)
+
+
 # -- the publish token ------------------------------------------------------------------
 
 
