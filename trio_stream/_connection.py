@@ -152,7 +152,8 @@ class Connection:
     def __attrs_post_init__(self) -> None:
         if self.window is not None:
             self.window.sent = self.window.acked = self.position
-        self.record.connections.add(self)
+        for _, record in self.places():  # (a stream of several adds its topics later)
+            record.connections.add(self)
 
     @property
     def client_id(self) -> str:

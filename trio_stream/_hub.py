@@ -627,24 +627,22 @@ class Hub:
             resumes, pending = cursor.resolve(logs, last_event_id), None
         else:  # a remote log still loading: `run` resolves once they all are ready
             resumes, pending = [Resume(position=log.head) for log in logs], (last_event_id,)
-        first = client.record(held[0].name, logs[0], resumes[0].position)
+        records = [
+            client.record(t.name, t.log, resume.position)
+            for t, resume in zip(held, resumes, strict=True)
+        ]
         connection = MultiConnection(
             hub=self,
             client=client,
             topic=held[0],
-            record=first,
+            record=records[0],
             position=0,
             gap=None,
             window=ack,
             pending_resume=pending,
             cursor=cursor,
         )
-        connection.add_lanes(
-            [
-                (t, client.record(t.name, t.log, resume.position), resume)
-                for t, resume in zip(held, resumes, strict=True)
-            ]
-        )
+        connection.add_lanes(zip(held, records, resumes, strict=True))
         client.streams += 1
         for t in held:
             t.streams += 1
@@ -919,10 +917,7 @@ class Hub:
         events: list[Entry] = []
         while len(events) < allowed:
             got = interleave(cursor, logs, positions, parts, allowed - len(events), len(events))
-            if isinstance(got, tuple):  # expired while we read: cannot happen within one call
-                self.dropped += got[1].lost
-                reset = True
-                continue
+            assert not isinstance(got, tuple)  # resolve() just placed us within each log
             if not got:
                 break
             events += got

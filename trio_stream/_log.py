@@ -82,22 +82,15 @@ class LogStatistics:
     waiters: int
 
 
-class _Acceptance:
-    """Numbers events in the order they are accepted, across every log of the process."""
-
-    def __init__(self) -> None:
-        self.last = 0
-
-    def stamp(self, entries: Iterable[Entry]) -> None:
-        n = self.last
-        for entry in entries:
-            n += 1
-            entry.order = n
-        self.last = n
+_ACCEPTED: Final = itertools.count(1)
 
 
-acceptance: Final = _Acceptance()
-"""Orders the entries of all logs, so streams of several topics interleave them rightly."""
+def number_accepted(entries: Iterable[Entry]) -> None:
+    """Number *entries* in the order they were accepted, across every log of the process
+    (`Entry.order`), so that streams of several topics interleave them rightly."""
+    for entry in entries:
+        entry.order = next(_ACCEPTED)
+
 
 _Watch = list[Any]  # [threshold, order, watcher, alive]: a heap item, mutable in place
 
@@ -265,7 +258,7 @@ class MemoryLog:
         if not ring.room_for(len(bodies), nbytes):
             return None
         entries = ring.append(bodies, now)
-        acceptance.stamp(entries)
+        number_accepted(entries)
         self.published += len(entries)
         if entries:
             self._grew()

@@ -14,7 +14,6 @@ event for the stream (its composite ``id:``, ``event: <topic>[/<name>]``) as it 
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections import deque
@@ -183,11 +182,11 @@ class Delivery(Entry):
 
     @property
     def json(self) -> str:
-        """The event as the WebSocket transport and the poll send it, with its topic."""
-        return json.dumps(
-            {"id": self.id, "event": self.name, "data": self.data, "topic": self.topic},
-            ensure_ascii=False,
-        )
+        """The event as the WebSocket transport and the poll send it, with its topic.
+
+        Its event and data are those of the entry's `Entry.json`, encoded once per entry.
+        """
+        return self.entry.json_as(self.id, self.topic)
 
 
 def interleave(
@@ -283,11 +282,7 @@ class MultiConnection(Connection):
     """In ack mode, the position of each event framed and not acknowledged yet, by id."""
     _unacked_order: deque[str] = attrs.field(factory=deque, init=False)
 
-    def __attrs_post_init__(self) -> None:
-        if self.window is not None:
-            self.window.sent = self.window.acked = self.position
-
-    def add_lanes(self, places: Sequence[tuple[_Topic, _ClientTopic, Resume]]) -> None:
+    def add_lanes(self, places: Iterable[tuple[_Topic, _ClientTopic, Resume]]) -> None:
         """Give the connection its topics (sorted as its cursor's), where each starts."""
         for topic, record, resume in places:
             lane = _Lane(self, topic, record, resume.position, resume.gap)

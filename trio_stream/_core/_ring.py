@@ -119,6 +119,15 @@ class Entry:
             )
         return self._json
 
+    def json_as(self, event_id: str, topic: str) -> str:
+        """`json` with another id and a ``"topic"`` (for a stream of several topics).
+
+        The event's name and data are taken from `json` as it is: encoded once per
+        entry, not once per stream.
+        """
+        own = len('{"id": ') + len(json.dumps(self.id))
+        return f'{{"id": {json.dumps(event_id)}, "topic": {json.dumps(topic)}{self.json[own:]}'
+
 
 _GONE: Final = Entry(seq=0, id="", event=Event(), wire=b"", published_at=0.0)
 """Stands in the ring's slots of expired entries until they are compacted away."""

@@ -57,7 +57,7 @@ from .._core._errors import TrioStreamError
 from .._core._events import Event, encode
 from .._core._limits import Bucket, LeasedTokens, TokenBucket, _at_least_one, _positive
 from .._core._ring import Entry, Resume, Ring
-from .._log import BackendUnavailableError, MemoryLog, acceptance
+from .._log import BackendUnavailableError, MemoryLog, number_accepted
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -464,7 +464,7 @@ class RedisLog(MemoryLog):
                     published_at=ms / 1000 + self._offset,
                 )
             )
-            acceptance.stamp(batch[-1:])
+            number_accepted(batch[-1:])
             self._last_id = event_id
         ring.extend(batch)
         self.published += len(batch)
@@ -857,20 +857,14 @@ class RedisBackend:
         utilization = fields.get("u")
         # Not a client of ours, or not sent by us: some other process's business.
         topic = fields.get("t", "")
+        # No topic: an ack of a stream of several topics (a composite id).
+        ack = partial(hub.ack, topic) if topic else hub.ack_many
         with contextlib.suppress(TrioStreamError, ValueError):
-            if topic:
-                hub.ack(
-                    topic,
-                    client_id=fields.get("c", ""),
-                    last_event_id=fields.get("a", ""),
-                    buffer_utilization=float(utilization) if utilization else None,
-                )
-            else:  # no topic: an ack of a stream of several topics (a composite id)
-                hub.ack_many(
-                    client_id=fields.get("c", ""),
-                    last_event_id=fields.get("a", ""),
-                    buffer_utilization=float(utilization) if utilization else None,
-                )
+            ack(
+                client_id=fields.get("c", ""),
+                last_event_id=fields.get("a", ""),
+                buffer_utilization=float(utilization) if utilization else None,
+            )
 
     async def _follow(self, name: str, apply: Callable[[dict[str, str]], None]) -> None:
         """Call *apply* with the fields of each entry other processes add to ``<prefix><name>``.
