@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import signal
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._argtypes import integer, number, yes_no
 from ._asgi import App, AppConfig
 from ._core._events import Event
 from ._hub import HubConfig
@@ -32,48 +32,11 @@ ENV_PREFIX: Final = "TRIO_STREAM_"
 DEMO_TOPIC: Final = "demo"
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def _yes_no(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be yes or no, got {text!r}")
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text!r}")
-    return value
-
-
-def _window(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 10000, got {text!r}")
-    return value
+_positive_float = number(0, strict=True)
+_non_negative_float = number(0)
+_positive_int = integer(1)
+_non_negative_int = integer(0)
+_window = integer(1, 10_000)
 
 
 # (flag, type, default, help): the contract's table, in its order.
@@ -134,7 +97,7 @@ OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
     ("--backend", str, "memory", "'memory', or 'redis://host:port/db' (needs the redis extra)"),
     (
         "--shared-client-limits",
-        _yes_no,
+        yes_no,
         False,
         "with --backend redis://...: 'yes' makes --rate/--burst hold for a client across "
         "all processes (a Redis request per client and lease: costly with many sparse "

@@ -52,6 +52,7 @@ import attrs
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from ._argtypes import integer, number, share
 from ._client import (
     StreamReset,
     _default_factory,
@@ -1773,55 +1774,21 @@ def write_report(
 # -- command line --------------------------------------------------------------------------
 
 
-def _float(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)
-        if (
-            math.isnan(value)
-            or math.isinf(value)
-            or value < minimum
-            or (strict and value == minimum)
-        ):
-            raise argparse.ArgumentTypeError(
-                f"must be a number {'>' if strict else '>='} {minimum:g}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def _int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within 0.0-1.0, got {text!r}")
-    return value
-
-
 # (flag, type, default, help), in the order --help shows them.
 OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
-    ("--duration", _float(0, strict=True), 10.0, "seconds the producers publish"),
-    ("--drain", _float(0), 5.0, "seconds consumers get to catch up after the producers stop"),
-    ("--topics", _int(1), 1, "topics to spread producers and consumers over (<= --producers)"),
+    ("--duration", number(0, strict=True), 10.0, "seconds the producers publish"),
+    ("--drain", number(0), 5.0, "seconds consumers get to catch up after the producers stop"),
+    ("--topics", integer(1), 1, "topics to spread producers and consumers over (<= --producers)"),
     ("--topic-prefix", str, "loadgen", "topics are named PREFIX-0, PREFIX-1, ..."),
-    ("--producers", _int(1), 2, "bursty producers (each POSTs batches on its own schedule)"),
-    ("--quiet-rate", _float(0), 10.0, "events/s per producer in quiet spells"),
-    ("--burst-rate", _float(0), 150.0, "events/s per producer in bursts"),
-    ("--quiet-seconds", _float(0), 2.0, "length of each quiet spell"),
-    ("--burst-seconds", _float(0), 0.5, "length of each burst"),
-    ("--max-batch", _int(1), 100, "events per publish request at most"),
-    ("--payload-bytes", _int(0), 64, "size of each event's data"),
-    ("--consumers", _int(0), 8, "consumers in all"),
-    ("--slow-share", _share, 0.5, "share of the consumers that are deliberately slow (0-1)"),
+    ("--producers", integer(1), 2, "bursty producers (each POSTs batches on its own schedule)"),
+    ("--quiet-rate", number(0), 10.0, "events/s per producer in quiet spells"),
+    ("--burst-rate", number(0), 150.0, "events/s per producer in bursts"),
+    ("--quiet-seconds", number(0), 2.0, "length of each quiet spell"),
+    ("--burst-seconds", number(0), 0.5, "length of each burst"),
+    ("--max-batch", integer(1), 100, "events per publish request at most"),
+    ("--payload-bytes", integer(0), 64, "size of each event's data"),
+    ("--consumers", integer(0), 8, "consumers in all"),
+    ("--slow-share", share, 0.5, "share of the consumers that are deliberately slow (0-1)"),
     (
         "--slow-mode",
         str,
@@ -1830,22 +1797,22 @@ OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
         "for --stall-seconds every --stall-every s), 'stop' (stop reading for good after "
         "--stop-after s, keeping the connection open) or 'mix' (all three in turn)",
     ),
-    ("--slow-rate", _float(0, strict=True), 5.0, "events/s a 'read' slow consumer takes"),
-    ("--stall-seconds", _float(0), 3.0, "seconds a 'stall' consumer stops reading each time"),
-    ("--stall-every", _float(0), 3.0, "seconds a 'stall' consumer reads between two stalls"),
-    ("--stop-after", _float(0), 1.0, "seconds a 'stop' consumer reads before it stops"),
+    ("--slow-rate", number(0, strict=True), 5.0, "events/s a 'read' slow consumer takes"),
+    ("--stall-seconds", number(0), 3.0, "seconds a 'stall' consumer stops reading each time"),
+    ("--stall-every", number(0), 3.0, "seconds a 'stall' consumer reads between two stalls"),
+    ("--stop-after", number(0), 1.0, "seconds a 'stop' consumer reads before it stops"),
     (
         "--slow-rcvbuf",
-        _int(0),
+        integer(0),
         8192,
         "socket receive buffer of slow consumers in bytes, so the server feels them "
         "sooner (0: the system's default)",
     ),
-    ("--ack-share", _share, 0.25, "share of the consumers of each kind in ack mode (0-1)"),
-    ("--ack-window", _int(1), 64, "ack window of consumers in ack mode (1-10000)"),
+    ("--ack-share", share, 0.25, "share of the consumers of each kind in ack mode (0-1)"),
+    ("--ack-window", integer(1), 64, "ack window of consumers in ack mode (1-10000)"),
     ("--publish-token", str, None, "bearer token for publishing (the server's --publish-token)"),
     ("--client-prefix", str, "loadgen", "consumers' client ids are PREFIX-RUN-INDEX"),
-    ("--sample-interval", _float(0, strict=True), 0.5, "seconds between scrapes of /metrics"),
+    ("--sample-interval", number(0, strict=True), 0.5, "seconds between scrapes of /metrics"),
     ("--report-json", Path, None, "write the report as JSON to this file"),
     (
         "--report-dir",
