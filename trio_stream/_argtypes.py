@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["integer", "number", "share", "yes_no"]
+__all__ = ["integer", "number", "share"]
 
 
 def number(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
@@ -50,13 +50,3 @@ def share(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be within 0.0-1.0, got {text!r}")
     return value
-
-
-def yes_no(text: str) -> bool:
-    """A parser of yes/no (true/false, on/off, 1/0)."""
-    value = text.strip().lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be yes or no, got {text!r}")

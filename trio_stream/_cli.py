@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._argtypes import integer, number, yes_no
+from ._argtypes import integer, number
 from ._asgi import App, AppConfig
 from ._core._events import Event
 from ._hub import HubConfig
@@ -96,14 +96,6 @@ OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], object, str]]] = (
     ),
     ("--backend", str, "memory", "'memory', or 'redis://host:port/db' (needs the redis extra)"),
     (
-        "--shared-client-limits",
-        yes_no,
-        False,
-        "with --backend redis://...: 'yes' makes --rate/--burst hold for a client across "
-        "all processes (a Redis request per client and lease: costly with many sparse "
-        "clients); 'no' applies them per process (--global-rate is always shared)",
-    ),
-    (
         "--auth-secret",
         str,
         None,
@@ -182,7 +174,7 @@ def _options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def _backend(url: str, max_topics: int, *, shared_client_limits: bool = False) -> Backend | None:
+def _backend(url: str, max_topics: int) -> Backend | None:
     """The backend ``--backend`` names (``None`` for ``memory``).
 
     Raises:
@@ -198,9 +190,7 @@ def _backend(url: str, max_topics: int, *, shared_client_limits: bool = False) -
         raise SystemExit(
             f"--backend {url!r} needs coredis ({error}): pip install 'trio-stream[redis]'"
         ) from None
-    return RedisBackend(
-        url, max_connections=max_topics + 64, shared_client_limits=shared_client_limits
-    )
+    return RedisBackend(url, max_connections=max_topics + 64)
 
 
 def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
@@ -210,11 +200,7 @@ def build_app(options: Mapping[str, Any], *, demo: bool = False) -> App:
         SystemExit: An option value is not acceptable (with a message saying which).
     """
     get = options.get
-    backend = _backend(
-        str(get("backend") or "memory"),
-        int(get("max_topics", 10_000)),
-        shared_client_limits=bool(get("shared_client_limits", False)),
-    )
+    backend = _backend(str(get("backend") or "memory"), int(get("max_topics", 10_000)))
     try:
         hub = HubConfig(
             rate=float(get("rate", 100.0)),

@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from trio_stream._core._events import Event, encode
-from trio_stream._core._limits import TokenBucket
 from trio_stream._core._ring import Entry, Resume
 from trio_stream._hub import Hub, HubConfig, open_hub
 from trio_stream._log import BackendUnavailableError
@@ -404,7 +403,7 @@ async def test_redis_global_rate_holds_across_processes(redis: RedisServer, tmp_
 
 async def test_redis_client_rate_holds_across_processes(redis: RedisServer, tmp_path: Path) -> None:
     """One client streaming from both processes: 50/s, burst 10 for both streams together."""
-    options = ["--rate", "50", "--burst", "10", "--shared-client-limits", "yes"]
+    options = ["--rate", "50", "--burst", "10"]
     who = {"X-Client-ID": "twin"}
     with two_servers(redis, tmp_path, options) as (a, b), trio.fail_after(20):
         async with (
@@ -436,9 +435,14 @@ async def _drain(bucket: SharedBucket, spent: list[float]) -> None:
             await trio.sleep_until(bucket.ready_at(now))
 
 
-async def test_redis_shared_bucket_holds_for_all_holders_together(redis: RedisServer) -> None:
+async def test_redis_shared_bucket_holds_for_all_holders_together(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two backends (as two processes would) drain one shared bucket greedily: in any
     window of t seconds, together at most 200 * t + 20 (+1), yet most of that."""
+    from trio_stream.backends import redis as module
+
+    monkeypatch.setattr(module, "OWNER_HOLD", 0.3)  # how long a holder's mark lasts
     backends = [RedisBackend(redis.url, prefix="lease:") for _ in range(2)]
     spent: list[list[float]] = [[], []]
     # The key lives until the last slot leased: burst / rate, plus LEASE_AHEAD for the
@@ -485,7 +489,7 @@ async def test_redis_shared_bucket_fails_closed_without_redis(
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, _silent, 0, host="127.0.0.1"))
             port = listeners[0].socket.getsockname()[1]
-            backend = RedisBackend(f"redis://127.0.0.1:{port}/0", shared_client_limits=True)
+            backend = RedisBackend(f"redis://127.0.0.1:{port}/0")
             await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
             bucket = backend.bucket("client:x", 100.0, 10)
             assert isinstance(bucket, SharedBucket)
@@ -647,12 +651,3 @@ async def test_redis_publish_without_answer_says_it_may_have_published(
     assert "may or may not have been published" in str(caught.value)
     assert entry is not None
     assert entry.event.data == "second"
-
-
-def test_redis_client_limits_are_per_process_unless_shared() -> None:
-    """Shared per-client buckets cost a Redis request per client and lease: opt-in."""
-    default = RedisBackend("redis://127.0.0.1:1/0")
-    assert isinstance(default.bucket("client:x", 100.0, 20), TokenBucket)
-    assert isinstance(default.bucket("global", 100.0, 20), SharedBucket)
-    shared = RedisBackend("redis://127.0.0.1:1/0", shared_client_limits=True)
-    assert isinstance(shared.bucket("client:x", 100.0, 20), SharedBucket)

@@ -168,6 +168,15 @@ class TokenBucket:
         """Fill the bucket."""
         self._tat = -INFINITY
 
+    @property
+    def tat(self) -> float:
+        """The TAT: from then on the bucket is full (``-inf``: full already)."""
+        return self._tat
+
+    def restore(self, tat: float) -> None:
+        """Set the TAT, e.g. to take over the state of a bucket held elsewhere."""
+        self._tat = tat
+
 
 @attrs.define(eq=False)
 class _Lease:

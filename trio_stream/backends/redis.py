@@ -25,11 +25,14 @@ When Redis cannot be reached, publishing raises `BackendUnavailableError` (the a
 answers 503), open streams keep their heartbeats, and each reader retries with back-off
 from the last id it saw: nothing accepted is lost or repeated.
 
-Limits: the global bucket and each client's bucket are shared (`SharedBucket`): one GCRA
-state per bucket in Redis (``<prefix>limit:global``, ``<prefix>limit:client:<id>``,
-expiring once the bucket is full again), from which each process leases a few tokens at
-a time (`LeasedTokens`), so that the limits hold for all processes together while the
-per-event path stays local. While Redis cannot be reached, they grant nothing.
+Limits: the global bucket and each client's bucket are shared (`SharedBucket`): one
+state per bucket in Redis (the hash ``<prefix>limit:global``, ``<prefix>limit:client:<id>``,
+expiring once idle), so that the limits hold for all processes together while the
+per-event path stays local. A bucket that one process alone uses is owned by it (it keeps
+the state; nothing asked of Redis per event; processes renew their lives as owners in
+``<prefix>owners``); once another process needs it, the owner is asked to give it back
+(``<prefix>releases``) and they all lease a few tokens at a time from the GCRA state in
+Redis (`LeasedTokens`). While Redis cannot be reached, they grant nothing.
 
 Acks: a process that opens a stream for a client says so in ``<prefix>client:<id>``
 (expiring after ``client_ttl``, renewed while the stream lasts); an ack posted to a
@@ -89,6 +92,22 @@ Redis at most about ``2 / LEASE_AHEAD`` times a second, whatever its rate.
 """
 LEASE_FLOOR: Final = 0.005
 """A shared bucket waiting for a lease says it is ready no sooner than this from now."""
+OWNER_HOLD: Final = 10.0
+"""Seconds a process stays an owner of buckets after its last renewal.
+
+A process that crashes or loses Redis keeps the buckets it owns from the others this
+long (they then take them over as if it had emptied them). Long, because a saturated
+process can take seconds for a round trip to Redis (coredis takes several task steps,
+each one pass of a busy scheduler), and a lapse makes it ask again for every bucket.
+"""
+OWNER_RENEW: Final = 1.0
+"""Seconds between renewals of a process's life as an owner of buckets."""
+RELEASES_KEPT: Final = 10_000
+"""Release requests kept (about) in ``<prefix>releases``, for the processes to follow."""
+OWNED_IDLE: Final = 30.0
+"""Seconds after its last use that an owned bucket is given back (checked this often)."""
+OWNED_KEY_TTL: Final = 120.0
+"""Seconds an owned bucket's key lives in Redis unless its owner touches it."""
 
 _ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
@@ -138,31 +157,123 @@ redis.call('PEXPIRE', meta, ARGV[5])
 return {1, ids}
 """
 
-_LEASE: Final = """
-local key = KEYS[1]
+_LIMIT: Final = """
+local key, owners, releases = KEYS[1], KEYS[2], KEYS[3]
 local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local want, ahead, need = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local me, hold, mine, op = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', key) or '0')
-if tat < now then tat = now end
-local n = math.min(want, math.floor((now + burst * interval + ahead - tat) / interval))
-if n < need then n = need end
-if n > 0 then
-  tat = tat + n * interval
-  redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-else
-  n = 0
+local span = burst * interval
+local function fmt(x) return string.format('%.17g', x) end
+local s = redis.call('HMGET', key, 't', 'o', 'w', 's')
+local tat, owner, owned_span = tonumber(s[1]) or 0, s[2], tonumber(s[4]) or span
+if owner == me then
+  -- Ours: fold in what we took (not known: as if we emptied the bucket just now).
+  if mine >= 0 then tat = math.max(tat, now + mine) else tat = math.max(tat, now + owned_span) end
+  owner = false
+elseif owner and tonumber(redis.call('HGET', owners, owner) or '0') < now then
+  -- Its owner stopped renewing (it crashed, or lost Redis), so stopped granting by
+  -- now; it may have emptied the bucket just before.
+  tat = math.max(tat, now + owned_span)
+  owner = false
 end
-return {n, string.format('%.17g', tat - now)}
+if tat < now then tat = now end
+if owner then
+  if op ~= 'lease' then return {0, '0'} end
+  if not s[3] then
+    redis.call('HSET', key, 'w', '1')
+    redis.call('XADD', releases, 'MAXLEN', '~', ARGV[11], '*', 'o', me, 'to', owner, 'k', key)
+  end
+  redis.call('HSET', key, 'h:' .. me, fmt(now + hold))
+  return {-1, '0'}
+end
+redis.call('HDEL', key, 'o', 'w')
+local others, last = false, now
+local fields = redis.call('HGETALL', key)
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if string.sub(name, 1, 2) == 'h:' and name ~= 'h:' .. me then
+    local till = tonumber(fields[i + 1])
+    if till >= now then
+      others, last = true, math.max(last, till)
+    else
+      redis.call('HDEL', key, name)
+    end
+  end
+end
+if op == 'lease' and not others and tonumber(redis.call('HGET', owners, me) or '0') >= now then
+  redis.call('HSET', key, 't', fmt(tat), 'o', me, 's', fmt(span))
+  redis.call('HDEL', key, 'h:' .. me)
+  redis.call('PEXPIRE', key, ARGV[10])
+  return {-2, fmt(tat - now)}
+end
+local n = 0
+if op == 'lease' then
+  n = math.min(want, math.floor((now + span + ahead - tat) / interval))
+  if n < need then n = need end
+  if n > 0 then tat = tat + n * interval else n = 0 end
+end
+redis.call('HSET', key, 't', fmt(tat))
+if op == 'leave' then
+  redis.call('HDEL', key, 'h:' .. me)
+else
+  redis.call('HSET', key, 'h:' .. me, fmt(now + hold))
+  last = math.max(last, now + hold)
+end
+redis.call('PEXPIRE', key, math.ceil((math.max(tat, last) - now) / 1000) + 1)
+return {n, fmt(tat - now)}
 """
-"""GCRA in microseconds of Redis's clock; the key holds the TAT and expires once it passes.
+"""A bucket's state, in microseconds of Redis's clock, in the hash ``KEYS[1]``.
 
-Grants up to ``want`` tokens whose slots end at most ``burst * interval + ahead`` after
-now (so that each is leased at most ``ahead`` before its window opens), but at least
-``need`` however far ahead; answers how many, and how far ahead of now the last slot
-(or, granting none, the TAT) lies.
+Fields: ``t``, the GCRA TAT; ``o``, the process that owns the bucket, if one does (it
+keeps the TAT locally meanwhile; it is alive, and may take buckets, while its entry in
+the hash ``KEYS[2]`` lies ahead), and ``s``, its ``burst * interval``; ``w``, set once
+another process asked the owner to release it (on the stream ``KEYS[3]``);
+``h:<process>``, until when a process holds it shared.
+
+``op`` is ``lease``, ``release`` (the owner gives the bucket back and holds it shared)
+or ``leave``. A caller that owned the bucket passes what it took as ``mine``, its TAT
+ahead of its request's start (``-1``: not known). A lease answers ``{-2, tat - now}``
+when the caller now owns the bucket (nobody else holds it); ``{-1, 0}`` when another
+process owns it (asked to release it); else ``{n, last}``: it grants up to ``want``
+tokens whose slots end at most ``burst * interval + ahead`` after now (so each is
+leased at most ``ahead`` before its window opens), but at least ``need`` however far
+ahead, and answers how many, and how far ahead of now the last slot (or, granting none,
+the TAT) lies. Keys expire once idle: owned ones after ``ARGV[10]`` ms unless touched.
 """
+
+_ALIVE: Final = """
+local me, hold = ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local was = tonumber(redis.call('HGET', KEYS[1], me) or '0')
+redis.call('HSET', KEYS[1], me, string.format('%.17g', now + hold))
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < now then redis.call('HDEL', KEYS[1], all[i]) end
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(hold / 1000) + 1)
+if was >= now then return 1 end
+return 0
+"""
+"""Renew this process's life as an owner of buckets; ``1`` if it was still alive."""
+
+_TOUCH: Final = """
+local out = {}
+for i = 1, #KEYS do
+  local s = redis.call('HMGET', KEYS[i], 'o', 'w')
+  if s[1] == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    if s[2] then out[i] = 2 else out[i] = 1 end
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+"""Keep the buckets this process owns from expiring: per key, ``1`` (still ours),
+``2`` (ours, and somebody asked for it) or ``0`` (not ours any more)."""
 
 _REGISTER: Final = """
 for i = 1, #KEYS do
@@ -472,15 +583,32 @@ class RedisLog(MemoryLog):
             self._grew()
 
 
+_LEASE: Final = "lease"
+_RELEASE: Final = "release"
+_LEAVE: Final = "leave"
+
+
 @attrs.define(eq=False)
 class SharedBucket:
     """A token bucket every process on the Redis server draws from; made by `RedisBackend`.
 
     The same interface as `TokenBucket` (``available``, ``consume``, ``ready_at``,
-    ``rate``, ``burst``, ``reset``), all synchronous and local: the bucket's state is a
-    GCRA TAT in Redis, and this process holds a few tokens leased from it
-    (`LeasedTokens`), each usable only within its own window, so that all processes
-    together never let more than ``rate * t + burst`` events go in ``t`` seconds.
+    ``rate``, ``burst``, ``reset``), all synchronous and local, so the limits hold for
+    all processes together while the per-event path stays in this process:
+
+    - While one process alone uses a bucket (a client streaming on one process, the
+      global bucket of a lone process), that process owns it: it holds the bucket's
+      state (a `TokenBucket`) and asks Redis nothing per event. It stays the owner while
+      it renews its life as an owner (every ``OWNER_RENEW``, one request for all its
+      buckets) and uses the bucket; it stops granting from it as soon as its renewals
+      lapse, and gives it back once idle for ``OWNED_IDLE``.
+    - When another process needs the bucket, it asks the owner (through Redis) to give
+      it back with the state it reached. From then on all its users lease tokens from
+      the GCRA state in Redis (`LeasedTokens`): each leased token is usable only within
+      its own window, so that together they never let more than ``rate * t + burst``
+      events go in ``t`` seconds. The first to lease once the others stopped for
+      ``OWNER_HOLD`` owns it again. An owner that crashed or lost Redis is taken over
+      after ``OWNER_HOLD``, as if it had emptied the bucket just before.
 
     Leasing is a task in the backend's nursery, one at a time per bucket, started when
     `consume` leaves fewer than half a lease, or when `ready_at` finds no token held. A
@@ -495,7 +623,8 @@ class SharedBucket:
     with back-off.
 
     Tokens leased and not used in time are lost (this under-delivers, never over-);
-    `consume` beyond `available` does not fail but is paid from the next lease.
+    `consume` beyond `available` of leased tokens does not fail but is paid from the
+    next lease.
 
     Args:
         backend: The Redis backend (running, or to be run) that holds the bucket.
@@ -505,7 +634,7 @@ class SharedBucket:
 
     Attributes:
         leased: Tokens leased from Redis so far (statistics).
-        requests: Lease requests answered by Redis so far (statistics).
+        requests: Requests answered by Redis so far (statistics).
     """
 
     backend: RedisBackend
@@ -514,31 +643,64 @@ class SharedBucket:
     burst: int = attrs.field(validator=_at_least_one)
     leased: int = attrs.field(default=0, init=False)
     requests: int = attrs.field(default=0, init=False)
+    _own: TokenBucket | None = attrs.field(default=None, init=False)
+    """The bucket's state while this process owns it."""
+    _epoch: int = attrs.field(default=-1, init=False)
+    """The backend's `RedisBackend.epoch` when this process took the bucket."""
+    _owed: float | None = attrs.field(default=None, init=False)
+    """The TAT this process reached as owner, not yet handed back to Redis."""
+    _used_at: float = attrs.field(default=-math.inf, init=False)
+    _giving_back: str | None = attrs.field(default=None, init=False)
     _tokens: LeasedTokens = attrs.field(factory=LeasedTokens, init=False)
     _size: int = attrs.field(init=False)
-    _leasing: bool = attrs.field(default=False, init=False)
+    _busy: bool = attrs.field(default=False, init=False)
     _wanted: bool = attrs.field(default=False, init=False)
     """Someone waits and no token is held: the next request reserves a whole lease."""
     _next_request: float = attrs.field(default=-math.inf, init=False)
     """After a refusal: no request before this, unless someone waits."""
     _retry_at: float = attrs.field(default=-math.inf, init=False)
-    """After an error: no request before this."""
+    """After an error, or while the owner gives the bucket back: no request before this."""
     _ripens: float = attrs.field(default=-math.inf, init=False)
     """When the next token Redis grants can open its window, as of its last answer."""
     _backoff: float = attrs.field(default=MIN_BACKOFF, init=False)
+    _patience: float = attrs.field(default=LEASE_FLOOR, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._size = min(self.burst, max(1, math.ceil(self.rate * LEASE_AHEAD)))
 
+    def _owned(self, now: float) -> TokenBucket | None:
+        """The bucket's state if this process owns it and may use it at *now*."""
+        own, backend = self._own, self.backend
+        if own is not None and (now >= backend.alive_until or self._epoch != backend.epoch):
+            self._drop()  # our renewals lapsed: another process may take it over
+            return None
+        return own
+
+    def _drop(self) -> None:
+        """Stop using the bucket as its owner; what it took is owed to Redis."""
+        if self._own is not None:
+            self._owed = self._own.tat
+            self._own = None
+
     def available(self, now: float) -> int:
-        """Tokens at hand that may go at *now* (0 to about ``burst``)."""
+        """Tokens at hand that may go at *now* (0 to ``burst``)."""
+        own = self._owned(now)
+        if own is not None:
+            return own.available(now)
         return self._tokens.available(now)
 
     def consume(self, now: float, n: int) -> None:
         """Take *n* tokens at *now*; lease more if fewer than half a lease remain.
 
-        Taking more than `available` is paid from the next lease (no exception).
+        Raises:
+            ValueError: This process owns the bucket and fewer than *n* are available.
+                (Leased tokens taken beyond `available` are paid from the next lease.)
         """
+        self._used_at = now
+        own = self._owned(now)
+        if own is not None:
+            own.consume(now, n)
+            return
         tokens = self._tokens
         tokens.consume(now, n)
         if tokens.remaining(now) * 2 < self._size or tokens.debt:
@@ -552,6 +714,9 @@ class SharedBucket:
         """
         if n > self.burst:
             raise ValueError(f"cannot wait for {n} tokens in a bucket of {self.burst}")
+        own = self._owned(now)
+        if own is not None:
+            return own.ready_at(now, n)
         at = self._tokens.ready_at(now, n)
         if at is not None:
             return at
@@ -560,53 +725,128 @@ class SharedBucket:
         return max(now, self._ripens, self._retry_at) + LEASE_FLOOR
 
     def reset(self) -> None:
-        """Drop the tokens held here (the state in Redis, shared, is left alone)."""
+        """Drop the tokens leased here (the state in Redis, shared, is left alone)."""
         self._tokens.clear()
 
-    def _lease_soon(self, now: float) -> None:
-        if self._leasing or (now < self._next_request and not self._wanted):
-            return
-        if self.backend.spawn(self._lease):
-            self._leasing = True
-        else:  # not running (yet, or any more): nothing to lease from
-            self._retry_at = now + MIN_BACKOFF
+    def prepare(self) -> None:
+        """Ask Redis for the bucket now (if running), before the first event needs it."""
+        self._wanted = True
+        if self.backend.limit_script is not None:
+            self._start()
 
-    async def _lease(self) -> None:
-        """Lease tokens; while someone waits for them, until some are granted."""
+    def give_back(self, *, keep: bool) -> None:
+        """Stop owning the bucket and hand its state to Redis (*keep*: still using it)."""
+        self._drop()
+        self._giving_back = _RELEASE if keep else _LEAVE
+        self._start()
+
+    def lose(self) -> None:
+        """Forget the bucket's state: another process took it over."""
+        self._own = self._owed = None
+
+    def idle_since(self, moment: float) -> bool:
+        """Whether the bucket was not used after *moment*."""
+        return self._used_at < moment
+
+    def _lease_soon(self, now: float) -> None:
+        if not (now < self._next_request and not self._wanted):
+            self._start()
+
+    def _start(self) -> None:
+        if self._busy:
+            return
+        if self.backend.spawn(self._talk):
+            self._busy = True
+        else:  # not running (yet, or any more): nothing to lease from
+            self._retry_at = trio.current_time() + MIN_BACKOFF
+
+    async def _talk(self) -> None:
+        """Give the bucket back if asked to; lease tokens (while someone waits for them)."""
+        backend = self.backend
         try:
-            while self.backend.lease_script is not None:
+            await backend.wait_alive()  # a bucket taken sooner would not be usable
+            asked = False
+            while backend.limit_script is not None:
                 if self._retry_at > trio.current_time():
                     await trio.sleep_until(self._retry_at)
-                if await self._request() or not self._wanted:
+                op = self._giving_back
+                if op is not None:
+                    self._drop()  # not one token more from the state handed back
+                    if await self._request(op):
+                        self._giving_back = None
+                        backend.disown(self)
+                    asked = True  # then a lease only for someone waiting
+                    continue
+                if self._own is not None or (asked and not self._wanted):
                     return
+                asked = True
+                await self._request(_LEASE)
         finally:
-            self._leasing = False
+            self._busy = False
 
-    async def _request(self) -> bool:
-        """One lease request; whether tokens were granted."""
+    async def _request(self, op: str) -> bool:
+        """One request; whether it was answered (a lease: whether tokens were granted)."""
         backend = self.backend
-        script = backend.lease_script
+        script = backend.limit_script
         if script is None:
             return False
         interval = 1 / self.rate
         span = self.burst * interval
-        args = [repr(1e6 * interval), self.burst, self._size, round(LEASE_AHEAD * 1e6)]
-        args.append(self._size if self._wanted else 0)
-        sent = trio.current_time()
+        sent, epoch = trio.current_time(), backend.epoch
+        owed = self._owed
+        mine = -1 if owed is None else round(1e6 * max(0.0, owed - sent))
+        args = [
+            repr(1e6 * interval),
+            self.burst,
+            self._size,
+            round(LEASE_AHEAD * 1e6),
+            self._size if self._wanted else 0,
+            backend.origin,
+            round(OWNER_HOLD * 1e6),
+            mine,
+            op,
+            round(OWNED_KEY_TTL * 1000),
+            RELEASES_KEPT,
+        ]
+        keys = [self.key, f"{backend.prefix}owners", f"{backend.prefix}releases"]
+        if op == _LEASE:  # it may become ours: a request to give it back must find it
+            backend.own(self)
         try:
             with trio.fail_after(COMMAND_TIMEOUT):
-                count, last = await script(keys=[self.key], args=args)
+                count, last = await script(keys=keys, args=args)
         except _ERRORS as error:
             backend.failed(error, "leasing tokens")
             self._retry_at = trio.current_time() + self._backoff
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            if op == _LEASE:
+                backend.disown(self)
             return False
         backend.worked()
         received = trio.current_time()
         self.requests += 1
         self._backoff = MIN_BACKOFF
-        count, last_slot = int(count), float(last) / 1e6
-        self._ripens = received + last_slot + interval - span
+        self._owed = None  # handed back, or somebody took the bucket over meanwhile
+        count, ahead = int(count), float(last) / 1e6
+        if count == -2:  # ours now: its state, as late as it can be
+            own = TokenBucket(self.rate, self.burst)
+            own.restore(received + ahead + self._tokens.debt * interval)
+            self._tokens.clear()
+            self._own, self._epoch = own, epoch  # a lapse since: not ours after all
+            self._used_at = max(self._used_at, received)
+            self._wanted = False
+            self._patience = LEASE_FLOOR
+            return True
+        if op == _LEASE:
+            backend.disown(self)
+        if count == -1:  # its owner was asked to give it back: look again soon
+            self._retry_at = received + self._patience
+            self._ripens = self._retry_at
+            self._patience = min(self._patience * 2, OWNER_HOLD / 4)
+            return False
+        self._patience = LEASE_FLOOR
+        if op != _LEASE:
+            return True
+        self._ripens = received + ahead + interval - span
         if count <= 0:
             # One can be leased LEASE_AHEAD before its window opens.
             self._next_request = self._ripens - LEASE_AHEAD
@@ -619,7 +859,7 @@ class SharedBucket:
             count=count,
             interval=interval,
             span=span,
-            last_slot=last_slot,
+            last_slot=ahead,
         )
         return True
 
@@ -635,29 +875,37 @@ class RedisBackend:
         url: ``redis://host:port/db`` (``rediss://`` for TLS, credentials in the URL).
         prefix: Put in front of every key, so that deployments can share a server.
         max_connections: Connections to Redis at most: each topic's reader holds one.
-        shared_client_limits: Whether a client's rate limit holds across processes (a
-            `SharedBucket` per client) or per process (the default; see `bucket`).
-            The global limit is always shared.
 
     Attributes:
         errors: Redis operations that failed.
+        origin: This process's name in Redis (random).
+        epoch: Counts the times this process's life as an owner of buckets lapsed in
+            Redis; buckets it owned before are not its own any more.
+        alive_until: Until when (`trio.current_time`) it may use the buckets it owns.
     """
 
     url: str
     prefix: str = attrs.field(default=DEFAULT_PREFIX, kw_only=True)
     max_connections: int = attrs.field(default=10_064, kw_only=True)
-    shared_client_limits: bool = attrs.field(default=False, kw_only=True)
     errors: int = attrs.field(default=0, init=False)
+    origin: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    epoch: int = attrs.field(default=0, init=False)
+    alive_until: float = attrs.field(default=-math.inf, init=False)
     client: Any = attrs.field(default=None, init=False)
     script: Any = attrs.field(default=None, init=False)
     clock: Any = attrs.field(default=None, init=False)
-    lease_script: Any = attrs.field(default=None, init=False)
+    limit_script: Any = attrs.field(default=None, init=False)
+    _alive_script: Any = attrs.field(default=None, init=False)
+    _touch_script: Any = attrs.field(default=None, init=False)
+    _owned: dict[str, SharedBucket] = attrs.field(factory=dict, init=False)
+    """The buckets this process owns (or may, or gives back), by key."""
+    _alive: trio.Event = attrs.field(factory=trio.Event, init=False)
+    """Set once this process renewed its life as an owner of buckets (in this run)."""
     _register_script: Any = attrs.field(default=None, init=False)
     _forward_script: Any = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _waiting: list[RedisLog] = attrs.field(factory=list, init=False)
     _failing: bool = attrs.field(default=False, init=False)
-    _origin: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
     _streaming: set[str] = attrs.field(factory=set, init=False)
     """Clients this process holds streams of, as announced in ``<prefix>client:<id>``."""
     _client_ttl: float = attrs.field(default=300.0, init=False)
@@ -685,15 +933,27 @@ class RedisBackend:
     def bucket(self, key: str, rate: float, burst: int) -> Bucket:
         """The bucket named *key* that every process on this Redis server shares.
 
-        A client's bucket (``client:<id>``) is this process's own unless
-        ``shared_client_limits`` is set: sharing costs a Redis request per client each
-        time its leased tokens run out or lapse, which for many clients receiving
-        sparse events is about one per event (a thousand streams at 5 events/s took
-        more than a core, and delivered nothing once the answers came too late to use).
+        Asked for at once (so usually owned by this process before its first event).
         """
-        if key.startswith("client:") and not self.shared_client_limits:
-            return TokenBucket(rate, burst)
-        return SharedBucket(self, f"{self.prefix}limit:{key}", rate, burst)
+        bucket = SharedBucket(self, f"{self.prefix}limit:{key}", rate, burst)
+        bucket.prepare()
+        return bucket
+
+    async def wait_alive(self) -> None:
+        """Wait until this process may own buckets (its first renewal in this run)."""
+        await self._alive.wait()
+
+    def own(self, bucket: SharedBucket) -> None:
+        """Note that this process owns *bucket*, or may by a request in flight.
+
+        `run` keeps its key alive, gives it back when idle or asked for.
+        """
+        self._owned[bucket.key] = bucket
+
+    def disown(self, bucket: SharedBucket) -> None:
+        """Note that *bucket* is not this process's (any more)."""
+        if self._owned.get(bucket.key) is bucket:
+            del self._owned[bucket.key]
 
     def check_id(self, event_id: str) -> None:
         """Check that *event_id* has the shape of this backend's ids (``<ms>-<n>``).
@@ -724,7 +984,9 @@ class RedisBackend:
                 self.client = client
                 self.script = client.register_script(_PUBLISH)
                 self.clock = client.register_script("return redis.call('TIME')")
-                self.lease_script = client.register_script(_LEASE)
+                self.limit_script = client.register_script(_LIMIT)
+                self._alive_script = client.register_script(_ALIVE)
+                self._touch_script = client.register_script(_TOUCH)
                 self._register_script = client.register_script(_REGISTER)
                 self._forward_script = client.register_script(_FORWARD_ACK)
                 self._client_ttl = hub.config.client_ttl
@@ -734,12 +996,18 @@ class RedisBackend:
                 nursery.start_soon(self._follow, "pauses", partial(self._apply_pause, hub))
                 nursery.start_soon(self._follow, "acks", partial(self._apply_ack, hub))
                 nursery.start_soon(self._renew_clients, hub)
+                nursery.start_soon(self._keep_alive)
+                nursery.start_soon(self._keep_owned)
+                nursery.start_soon(self._follow, "releases", self._apply_release)
                 self._waiting.clear()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self.client = self.script = self.clock = self.lease_script = None
+            self.client = self.script = self.clock = self.limit_script = None
+            self._alive_script = self._touch_script = None
+            self.alive_until = -math.inf
+            self._alive = trio.Event()
             self._register_script = self._forward_script = None
 
     async def redis_time(self) -> float:
@@ -750,7 +1018,7 @@ class RedisBackend:
     def share_pause(self, topic: str, client_id: str, after: str | None, *, paused: bool) -> None:
         """Announce to the other processes that a client was paused, or caught up."""
         if self._nursery is not None:
-            fields = {"o": self._origin, "p": "1" if paused else "0", "t": topic, "c": client_id}
+            fields = {"o": self.origin, "p": "1" if paused else "0", "t": topic, "c": client_id}
             fields["a"] = "" if after is None else after
             self._nursery.start_soon(self._announce, fields)
 
@@ -813,6 +1081,75 @@ class RedisBackend:
             if renew:
                 await self._register(renew)
 
+    async def _keep_alive(self) -> None:
+        """Renew this process's life as an owner of buckets every ``OWNER_RENEW`` seconds.
+
+        While renewals fail, the buckets it owns stop granting once ``OWNER_HOLD`` has
+        passed since the last one sent; if Redis saw that life lapse, they are not its
+        own any more (`epoch`): others may have taken them over.
+        """
+        while True:
+            sent = trio.current_time()
+            try:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    was_alive = await self._alive_script(
+                        keys=[f"{self.prefix}owners"],
+                        args=[self.origin, round(OWNER_HOLD * 1e6)],
+                    )
+            except _ERRORS as error:
+                self.failed(error, "renewing bucket ownership")
+                await trio.sleep(MIN_BACKOFF)
+                continue
+            self.worked()
+            if not int(was_alive):
+                self.epoch += 1
+            self.alive_until = sent + OWNER_HOLD
+            self._alive.set()
+            await trio.sleep(OWNER_RENEW)
+
+    async def _keep_owned(self) -> None:
+        """Every ``OWNED_IDLE``: give back the owned buckets not used since; keep the
+        keys of the others from expiring, and give back those another process asked for."""
+        while True:
+            await trio.sleep(OWNED_IDLE)
+            idle_since = trio.current_time() - OWNED_IDLE
+            kept = []
+            for bucket in list(self._owned.values()):
+                if bucket.idle_since(idle_since):
+                    bucket.give_back(keep=False)
+                else:
+                    kept.append(bucket)
+            for i in range(0, len(kept), READ_COUNT):
+                chunk = kept[i : i + READ_COUNT]
+                try:
+                    with trio.fail_after(COMMAND_TIMEOUT):
+                        states = await self._touch_script(
+                            keys=[bucket.key for bucket in chunk],
+                            args=[self.origin, round(OWNED_KEY_TTL * 1000)],
+                        )
+                except _ERRORS as error:
+                    self.failed(error, "keeping owned buckets")
+                    break
+                for bucket, state in zip(chunk, states, strict=True):
+                    if int(state) == 2:  # asked for, and the request missed
+                        bucket.give_back(keep=True)
+                    elif not int(state):  # taken over: our state is moot
+                        bucket.lose()
+                        self.disown(bucket)
+
+    def _apply_release(self, fields: dict[str, str]) -> None:
+        """Another process asks for a bucket this one owns: give it back."""
+        if fields.get("to") != self.origin:
+            return
+        key = fields.get("k", "")
+        bucket = self._owned.get(key)
+        if bucket is not None:
+            bucket.give_back(keep=True)
+        elif key.startswith(f"{self.prefix}limit:"):
+            # Not ours any more (the request crossed our giving it back), or it became
+            # ours by a request whose answer was lost: give it back, state not known.
+            SharedBucket(self, key, 1.0, 1).give_back(keep=False)
+
     async def forward_ack(
         self,
         topic: str,
@@ -840,7 +1177,7 @@ class RedisBackend:
             )
         keys = [f"{self.prefix}client:{client_id}", f"{self.prefix}acks"]
         utilization = "" if buffer_utilization is None else repr(buffer_utilization)
-        args = [ACKS_KEPT, self._origin, topic, client_id, last_event_id, utilization]
+        args = [ACKS_KEPT, self.origin, topic, client_id, last_event_id, utilization]
         try:
             with trio.fail_after(COMMAND_TIMEOUT):
                 done = await script(keys=keys, args=args)
@@ -893,7 +1230,7 @@ class RedisBackend:
                 for item in items:
                     last = item.identifier.decode()
                     fields = {k.decode(): v.decode() for k, v in item.field_values.items()}
-                    if fields.get("o") != self._origin:
+                    if fields.get("o") != self.origin:
                         apply(fields)
 
     def problem(self) -> str | None:

@@ -1,0 +1,307 @@
+"""Buckets shared by processes on a real redis-server: owned by one, leased by several.
+
+Each backend here stands for one process. A bucket used by one process is owned by it
+(no Redis request per event); a second process asks for it, and both lease from Redis;
+an owner that stops renewing is taken over. In every case, all of them together stay
+within ``rate * t + burst`` in any ``t`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from trio_stream._hub import Hub, HubConfig
+from trio_stream.backends import redis as module
+from trio_stream.backends.redis import RedisBackend, SharedBucket
+
+from ._redis import RedisServer, redis_server
+from ._support import wait_until
+from .test_redis import busiest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.e2e
+
+RATE, BURST = 200.0, 20
+KEY = "lim:limit:client:x"
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server (no persistence)."""
+    with redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def short_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Owners renew every 0.1 s and are taken over 0.3 s after their last renewal."""
+    monkeypatch.setattr(module, "OWNER_HOLD", 0.3)
+    monkeypatch.setattr(module, "OWNER_RENEW", 0.1)
+
+
+def within_bound(times: list[float], rate: float = RATE, burst: int = BURST) -> bool:
+    """Whether *times* stay within rate * t + burst (+1, windows closed at both ends)."""
+    return all(busiest(times, w) <= rate * w + burst + 1 for w in (0.05, 0.3, 1.0))
+
+
+async def drain(bucket: SharedBucket, spent: list[float]) -> None:
+    """Take every token *bucket* gives, as soon as it gives it; note when."""
+    while True:
+        now = trio.current_time()
+        n = bucket.available(now)
+        if n:
+            bucket.consume(now, n)
+            spent += [now] * n
+        else:
+            await trio.sleep_until(bucket.ready_at(now))
+
+
+async def run_backend(nursery: trio.Nursery, backend: RedisBackend) -> None:
+    await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
+
+
+async def fields(backend: RedisBackend) -> dict[str, str]:
+    got = await backend.client.hgetall(KEY)
+    return {k.decode(): v.decode() for k, v in got.items()}
+
+
+async def test_a_bucket_used_by_one_process_is_owned_and_costs_no_requests(
+    redis: RedisServer,
+) -> None:
+    """One process drains a client's bucket for a second: one request in all (taking
+    it), the bucket's own limit exactly, and Redis names the process as the owner."""
+    backend = RedisBackend(redis.url, prefix="lim:")
+    spent: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, backend)
+            bucket = backend.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket, SharedBucket)
+            nursery.start_soon(drain, bucket, spent)
+            await trio.sleep(1.0)
+            state = await fields(backend)
+            nursery.cancel_scope.cancel()
+    assert bucket.requests == 1
+    assert state["o"] == backend.origin
+    assert within_bound(spent)
+    assert len(spent) >= 0.9 * (RATE * 1.0 + BURST)
+
+
+async def test_a_second_process_takes_turns_and_the_limit_holds_for_both(
+    redis: RedisServer,
+) -> None:
+    """A owns the bucket and drains it; B starts draining too: A gives it back (asked
+    through Redis), both lease, and together they stay within the limit, both served."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            nursery.start_soon(drain, bucket_a, on_a)
+            await trio.sleep(0.5)
+            owned_alone = bucket_a.requests
+            b_started = trio.current_time()
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.0)
+            state = await fields(a)
+            nursery.cancel_scope.cancel()
+    assert owned_alone == 1
+    assert "o" not in state  # shared now: nobody owns it
+    assert {f"h:{a.origin}", f"h:{b.origin}"} <= set(state)
+    assert within_bound(sorted(on_a + on_b))
+    late_a = [t for t in on_a if t > b_started + 0.2]
+    assert late_a
+    assert on_b
+    assert len(late_a) + len(on_b) >= 0.8 * RATE * 0.8  # most of the rate, between them
+
+
+async def test_an_owner_that_stops_is_taken_over_as_if_it_emptied_the_bucket(
+    redis: RedisServer,
+) -> None:
+    """A owns the bucket, drains it, and stops (as a crashed process does: no giving
+    back). B waits for A's life as an owner to lapse, then takes the bucket over: the
+    limit holds across the change, and B is served."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            await run_backend(outer, b)
+            async with trio.open_nursery() as nursery:
+                await run_backend(nursery, a)
+                bucket_a = a.bucket("client:x", RATE, BURST)
+                assert isinstance(bucket_a, SharedBucket)
+                nursery.start_soon(drain, bucket_a, on_a)
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()  # A is gone, owning the bucket
+            stopped = trio.current_time()
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            outer.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.2)
+            state = await fields(b)
+            outer.cancel_scope.cancel()
+    assert on_a
+    assert on_b
+    assert state["o"] == b.origin
+    # A's renewals (every 0.1 s) lapsed within 0.3 s of the last; then the bucket is empty.
+    assert on_b[0] > stopped + 0.05
+    assert within_bound(sorted(on_a + on_b))
+
+
+async def test_an_owner_cut_off_from_redis_stops_granting_and_does_not_resume(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A owns the bucket and drains it; then its requests fail (an injected fault) just
+    as B starts draining too. A grants nothing once its life as an owner lapses (or
+    sooner: once asked to give the bucket back); B takes the bucket over then, as if A
+    had emptied it; when A's requests work again, A does not use its old state. The
+    limit holds throughout."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            nursery.start_soon(drain, bucket_a, on_a)
+            await trio.sleep(0.3)
+            working = a._alive_script, a.limit_script
+            monkeypatch.setattr(a, "_alive_script", unreachable)
+            monkeypatch.setattr(a, "limit_script", unreachable)
+            cut = trio.current_time()
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(0.6)
+            lapsed = a.alive_until
+            a._alive_script, a.limit_script = working
+            restored = trio.current_time()
+            await trio.sleep(0.6)
+            state = await fields(a)
+            nursery.cancel_scope.cancel()
+    assert cut < lapsed <= cut + 0.3
+    assert not [t for t in on_a if lapsed <= t < restored]  # silent once lapsed
+    assert on_b
+    assert on_b[0] >= lapsed  # B waited for it
+    assert a.epoch >= 2  # its return noticed the lapse
+    assert a.errors > 0
+    assert state.get("o") != a.origin
+    assert within_bound(sorted(on_a + on_b))
+
+
+async def unreachable(**kwargs: object) -> object:
+    raise OSError("injected: Redis unreachable")
+
+
+async def test_a_lapsed_owner_that_comes_back_does_not_use_its_old_state(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A owns the bucket, idle; A loses Redis until its life as an owner lapses, B takes
+    the bucket over (A cannot be asked), and A comes back: its bucket is not its own
+    any more, so A asks for it like anyone else and the limit holds for both."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            await wait_until(lambda: bucket_a.available(trio.current_time()) > 0)
+            working = a._alive_script, a.limit_script
+            monkeypatch.setattr(a, "_alive_script", unreachable)
+            monkeypatch.setattr(a, "limit_script", unreachable)
+            await trio.sleep(0.4)  # lapsed, in Redis too
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(0.3)
+            a._alive_script, a.limit_script = working
+            await trio.sleep(0.2)  # renewed
+            back = trio.current_time()
+            asked = bucket_a.requests
+            nursery.start_soon(drain, bucket_a, on_a)
+            await trio.sleep(0.6)
+            nursery.cancel_scope.cancel()
+    assert a.epoch >= 2
+    assert on_a
+    assert on_a[0] > back
+    assert bucket_a.requests > asked  # it asked Redis before its first token
+    assert within_bound(sorted(on_a + on_b))
+
+
+async def test_a_lapsed_owner_is_taken_over_as_if_it_emptied_the_bucket(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A owns a full bucket (20/s, 20) and loses Redis; just before its life as an owner
+    lapses it spends the whole burst. B, which waited, takes the bucket over then, and
+    must count it empty: B's tokens come at the rate, not as a burst."""
+    rate, burst = 20.0, 20
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            bucket_a = a.bucket("client:x", rate, burst)
+            assert isinstance(bucket_a, SharedBucket)
+            await wait_until(lambda: bucket_a.available(trio.current_time()) == burst)
+            monkeypatch.setattr(a, "_alive_script", unreachable)
+            monkeypatch.setattr(a, "limit_script", unreachable)
+            await trio.sleep_until(a.alive_until - 0.03)
+            now = trio.current_time()
+            bucket_a.consume(now, burst)
+            on_a += [now] * burst
+            bucket_b = b.bucket("client:x", rate, burst)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.5)
+            nursery.cancel_scope.cancel()
+    assert on_b
+    assert on_b[0] > on_a[-1]
+    assert within_bound(sorted(on_a + on_b), rate, burst)  # B's burst was A's
+
+
+async def test_an_idle_owned_bucket_is_given_back_and_its_key_expires(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Owned and then left idle: given back after OWNED_IDLE (its state written to
+    Redis), forgotten by the process, and the key expires once the bucket is full."""
+    monkeypatch.setattr(module, "OWNED_IDLE", 0.2)
+    backend = RedisBackend(redis.url, prefix="lim:")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, backend)
+            bucket = backend.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket, SharedBucket)
+            await wait_until(lambda: bucket.available(trio.current_time()) > 0)
+            bucket.consume(trio.current_time(), BURST)
+            owned = dict(await fields(backend))
+            await trio.sleep(0.5)
+            after = await fields(backend)
+            pttl = await backend.client.pttl(KEY)
+            await trio.sleep(0.3)
+            left = await backend.client.exists([KEY])
+            nursery.cancel_scope.cancel()
+    assert owned["o"] == backend.origin
+    assert "o" not in after
+    assert backend._owned == {}
+    assert pttl <= 300
+    assert left == 0
