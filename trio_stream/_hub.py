@@ -402,18 +402,24 @@ class Hub:
         t = self._topic(topic)
         if not t.log.remote:
             return self.publish_nowait(topic, events)
+        tracing = self.tracing
+        span, trace_context = (
+            (None, None) if tracing is None else tracing.submitting(topic, len(events))
+        )
         t.streams += 1  # keep the topic while we wait
-        started = trio.current_time()
         try:
-            ids = await t.log.submit(events)
-        except trio.WouldBlock:
-            self.publish_rejected += len(events)
+            ids = await t.log.submit(events, trace_context=trace_context)
+        except BaseException as error:
+            if tracing is not None:
+                tracing.answered(span, (), error=error)
+            if isinstance(error, trio.WouldBlock):
+                self.publish_rejected += len(events)
             raise
         finally:
             t.streams -= 1
+        if tracing is not None:
+            tracing.answered(span, ids)
         self.published += len(ids)
-        if self.tracing is not None:
-            self.tracing.submitted(topic, ids, started, trio.current_time())
         self._check_saturation(t)
         return ids
 

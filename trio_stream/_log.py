@@ -303,10 +303,14 @@ class MemoryLog:
         await trio.lowlevel.checkpoint()
         return entries
 
-    async def submit(self, events: Iterable[Event]) -> list[str]:
+    async def submit(
+        self, events: Iterable[Event], *, trace_context: str | None = None
+    ) -> list[str]:
         """Append *events* now, all or none, or refuse; returns their ids.
 
         The form of `append_nowait` that works for remote logs too (`remote`).
+        *trace_context*, the publish span's ``traceparent``, travels with the events of a
+        remote log to the other processes; a memory log has no use for it.
 
         Raises:
             trio.WouldBlock: The log is full of unexpired events (fail closed).

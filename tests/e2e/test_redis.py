@@ -21,6 +21,7 @@ from trio_stream._core._ring import Entry, Resume
 from trio_stream._hub import Hub, HubConfig, open_hub
 from trio_stream._log import BackendUnavailableError
 from trio_stream.backends.redis import LEASE_AHEAD, RedisBackend, RedisLog, SharedBucket
+from trio_stream.testing import RecordingSink
 
 from ._processes import CliServer, cli_server
 from ._redis import RedisServer, redis_server
@@ -578,16 +579,25 @@ async def test_redis_streaming_clients_stay_announced_while_they_stream(
 
 
 async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
-    """A publish to Redis gets its span, from the request to Redis's answer."""
+    """A publish to Redis gets its span, from the request to Redis's answer; a refused
+    one too, saying why."""
     from tests.runtime.test_observability import FakeTracer
 
     tracer = FakeTracer()
     backend = RedisBackend(redis.url, prefix="trace:")
     with trio.fail_after(10):
-        async with open_hub(HubConfig(backend=backend, tracer=tracer)) as hub:
+        async with open_hub(HubConfig(backend=backend, tracer=tracer, log_capacity=2)) as hub:
             await wait_until(lambda: hub.health() is None)
             ids = await hub.submit("traced", [Event(data="a"), Event(data="b")])
-    (span,) = [s for s in tracer.spans if s.name == "trio_stream.publish"]
+            with pytest.raises(trio.WouldBlock):
+                await hub.submit("traced", [Event(data="c")])
+    span, refused = [s for s in tracer.spans if s.name == "trio_stream.publish"]
+    assert refused.attributes == {
+        "messaging.destination.name": "traced",
+        "messaging.batch.message_count": 1,
+        "error.type": "WouldBlock",
+    }
+    assert refused.end_time is not None
     assert span.attributes == {
         "messaging.destination.name": "traced",
         "messaging.batch.message_count": 2,
@@ -597,6 +607,72 @@ async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
     assert span.start_time is not None
     assert span.end_time is not None
     assert span.end_time >= span.start_time
+
+
+async def test_redis_delivery_spans_link_to_the_publish_span_of_another_process(
+    redis: RedisServer,
+) -> None:
+    """Publish on hub A, deliver (write and ack) on hub B, two backends on one
+    redis-server: each of B's delivery spans links to A's publish span, by its ids."""
+    from tests.runtime.test_observability import FakeTracer
+
+    tracer_a, tracer_b = FakeTracer(), FakeTracer()
+    sink = RecordingSink()
+    with trio.fail_after(10):
+        async with (
+            open_hub(HubConfig(backend=RedisBackend(redis.url), tracer=tracer_a)) as a,
+            open_hub(HubConfig(backend=RedisBackend(redis.url), tracer=tracer_b, rate=0)) as b,
+            trio.open_nursery() as nursery,
+        ):
+            await wait_until(lambda: a.health() is None and b.health() is None)
+            nursery.start_soon(b.connect("traced", client_id="c", ack=10).run, sink)
+            await wait_until(lambda: b.log("traced").ready)
+            ids = await a.submit("traced", [Event(data="a"), Event(data="b")])
+            await wait_until(lambda: sink.ids == ids)
+            b.ack("traced", client_id="c", last_event_id=ids[-1])
+            nursery.cancel_scope.cancel()
+    (publish,) = tracer_a.spans
+    assert publish.name == "trio_stream.publish"
+    assert publish.attributes["trio_stream.last_event_id"] == ids[-1]
+    assert [s.name for s in tracer_b.spans] == ["trio_stream.write"] * 2 + ["trio_stream.ack"] * 2
+    assert [s.attributes["messaging.message.id"] for s in tracer_b.spans] == ids + ids
+    for span in tracer_b.spans:
+        (link,) = span.linked_to()
+        assert (link.trace_id, link.span_id) == (publish.context.trace_id, publish.context.span_id)
+        assert link.trace_flags == publish.context.trace_flags
+        assert link.is_remote
+
+
+async def test_redis_delivery_spans_without_a_readable_context_have_no_link(
+    redis: RedisServer,
+) -> None:
+    """Events published without tracing, or with a malformed context: delivered, traced
+    without a link, and no tracing error."""
+    from tests.runtime.test_observability import FakeTracer
+
+    tracer = FakeTracer()
+    sink = RecordingSink()
+    with trio.fail_after(10):
+        async with (
+            open_hub(HubConfig(backend=RedisBackend(redis.url))) as a,
+            open_hub(HubConfig(backend=RedisBackend(redis.url), tracer=tracer, rate=0)) as b,
+            trio.open_nursery() as nursery,
+        ):
+            await wait_until(lambda: a.health() is None and b.health() is None)
+            nursery.start_soon(b.connect("untraced", client_id="c").run, sink)
+            await wait_until(lambda: b.log("untraced").ready)
+            ids = await a.submit("untraced", [Event(data="plain")])
+            ids += await a.log("untraced").submit([Event(data="odd")], trace_context="00-zz-1")
+            await wait_until(lambda: sink.ids == ids)
+            stream = await b.config.backend.client.xrange(  # type: ignore[union-attr]
+                "trio_stream:{untraced}:log", "-", "+"
+            )
+            nursery.cancel_scope.cancel()
+    assert [s.name for s in tracer.spans] == ["trio_stream.write"] * 2
+    assert [s.links for s in tracer.spans] == [None, None]
+    assert b.tracing is not None
+    assert b.tracing.errors == 0
+    assert [b"t" in item.field_values for item in stream] == [False, True]
 
 
 # -- publishes without an answer --------------------------------------------------------------

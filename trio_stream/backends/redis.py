@@ -4,7 +4,8 @@ Needs ``coredis`` (the ``redis`` extra). Per topic, Redis holds two keys, under 
 configurable prefix (``trio_stream:`` by default):
 
 - ``<prefix>{<topic>}:log``, a stream of the topic's events (fields ``e``: name, ``d``:
-  data, ``s``: encoded size, ``c``: running total of sizes), with ids ``<ms>-<n>``: the
+  data, ``s``: encoded size, ``c``: running total of sizes, and, only when the publisher
+  traces, ``t``: the publish span's W3C ``traceparent``), with ids ``<ms>-<n>``: the
   Redis clock in milliseconds (never going back) and the topic's event number;
 - ``<prefix>{<topic>}:meta``, a hash with the last ``n``, the running size total ``c``
   and the last ``ms``.
@@ -92,12 +93,16 @@ LEASE_FLOOR: Final = 0.005
 
 _ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
+_PUBLISH_ARGS: Final = 7
+"""Arguments of `_PUBLISH` before the events' (three per event: name, data, size)."""
+
 _PUBLISH: Final = """
 local stream, meta = KEYS[1], KEYS[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, capacity, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local k = tonumber(ARGV[6])
+local k, trace = tonumber(ARGV[6]), ARGV[7]
+local base = 7  -- ARGV[base + 3 * (i - 1) + 1 .. 3]: name, data and size of event i
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl + 1))
 local len = redis.call('XLEN', stream)
 local m = redis.call('HMGET', meta, 'n', 'c', 'ms')
@@ -115,7 +120,7 @@ end
 local ms = math.max(now, last)
 local sizes, add = {}, 0
 for i = 1, k do
-  sizes[i] = tonumber(ARGV[6 + 3 * i]) + #string.format('%d-%d', ms, n + i) + 5
+  sizes[i] = tonumber(ARGV[base + 3 * i]) + #string.format('%d-%d', ms, n + i) + 5
   add = add + sizes[i]
 end
 if len + k > capacity or held + add > max_bytes then
@@ -126,9 +131,14 @@ for i = 1, k do
   n = n + 1
   c = c + sizes[i]
   local id = string.format('%d-%d', ms, n)
-  local at = 6 + 3 * (i - 1)
-  redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
-             's', sizes[i], 'c', string.format('%d', c))
+  local at = base + 3 * (i - 1)
+  if trace == '' then
+    redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
+               's', sizes[i], 'c', string.format('%d', c))
+  else
+    redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
+               's', sizes[i], 'c', string.format('%d', c), 't', trace)
+  end
   ids[i] = id
 end
 redis.call('HSET', meta, 'n', string.format('%d', n), 'c', string.format('%d', c),
@@ -306,10 +316,14 @@ class RedisLog(MemoryLog):
         """
         raise RuntimeError("a Redis topic log publishes asynchronously: use Hub.submit")
 
-    async def submit(self, events: Iterable[Event]) -> list[str]:
+    async def submit(
+        self, events: Iterable[Event], *, trace_context: str | None = None
+    ) -> list[str]:
         """Append *events* in Redis, all or none, or refuse; returns their ids.
 
         The events reach this process's readers when the mirror's reader brings them.
+        *trace_context*, the publish span's ``traceparent``, is stored with each event,
+        for the delivery spans of every process to link to.
 
         Raises:
             trio.WouldBlock: The topic is full of unexpired events, counting every
@@ -335,7 +349,9 @@ class RedisLog(MemoryLog):
             max(2 * math.ceil(self.ttl * 1000), 60_000),
             META_IDLE_MS,
             len(bodies),
+            trace_context or "",
         ]
+        assert len(args) == _PUBLISH_ARGS
         for event, body in bodies:
             args += [event.event or "", event.data, len(body)]
         try:
@@ -438,6 +454,9 @@ class RedisLog(MemoryLog):
         assert isinstance(ring, _RedisRing)
         batch: list[Entry] = []
         moved = False
+        tracing = None if self.backend is None else self.backend.trace_context
+        traced: bytes | None = None
+        context: object = None
         for item in items:
             event_id = item.identifier.decode()
             ms, n = _split_id(event_id)
@@ -455,6 +474,8 @@ class RedisLog(MemoryLog):
             name = fields.get(b"e", b"").decode("utf-8", "replace") or None
             event = Event(data=fields.get(b"d", b"").decode("utf-8", "replace"), event=name)
             wire = b"id: " + event_id.encode() + b"\n" + encode(event)
+            if tracing is not None and (raw := fields.get(b"t")) != traced:
+                traced, context = raw, tracing(raw)  # one context per publish, shared
             batch.append(
                 Entry(
                     seq=position,
@@ -462,6 +483,7 @@ class RedisLog(MemoryLog):
                     event=event,
                     wire=wire,
                     published_at=ms / 1000 + self._offset,
+                    trace_context=context,
                 )
             )
             number_accepted(batch[-1:])
@@ -661,6 +683,8 @@ class RedisBackend:
     _streaming: set[str] = attrs.field(factory=set, init=False)
     """Clients this process holds streams of, as announced in ``<prefix>client:<id>``."""
     _client_ttl: float = attrs.field(default=300.0, init=False)
+    trace_context: Callable[[bytes | None], object] | None = attrs.field(default=None, init=False)
+    """Turns an entry's ``traceparent`` into a span context, while the hub traces."""
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -728,6 +752,10 @@ class RedisBackend:
                 self._register_script = client.register_script(_REGISTER)
                 self._forward_script = client.register_script(_FORWARD_ACK)
                 self._client_ttl = hub.config.client_ttl
+                if hub.tracing is not None:
+                    from .._tracing import remote_context  # needs opentelemetry-api
+
+                    self.trace_context = remote_context
                 self._nursery = nursery
                 for log in self._waiting:
                     nursery.start_soon(log.follow)
