@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from trio_stream._core._errors import IdempotencyKeyReusedError
 from trio_stream._core._events import Event, encode
 from trio_stream._core._limits import TokenBucket
 from trio_stream._core._ring import Entry, Resume
@@ -732,3 +733,133 @@ def test_redis_client_limits_are_per_process_unless_shared() -> None:
     assert isinstance(default.bucket("global", 100.0, 20), SharedBucket)
     shared = RedisBackend("redis://127.0.0.1:1/0", shared_client_limits=True)
     assert isinstance(shared.bucket("client:x", 100.0, 20), SharedBucket)
+
+
+# -- idempotency keys -------------------------------------------------------------------------
+
+
+async def test_redis_idempotent_retry_on_the_other_process_returns_the_same_ids(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """A publish with a key on A, its retry on B: B answers A's ids, replayed, and a
+    stream (on B) sees the events once; other events with the key are a 422 on either."""
+    batch = [{"data": "a"}, {"event": "tick", "data": "b"}]
+    headers = {"Idempotency-Key": "order-7"}
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            reader = await open_reader(nursery, to_b, "/streams/orders")
+            first = await to_a.post("/streams/orders", json=batch, headers=headers)
+            retry = await to_b.post("/streams/orders", json=batch, headers=headers)
+            other = await to_b.post("/streams/orders", json={"data": "c"}, headers=headers)
+            marker = await publish(to_a, "orders", {"data": "after"})
+            events = await reader.wait_events(3)
+            samples = await metrics(to_b)
+            nursery.cancel_scope.cancel()
+    assert first.status_code == 202
+    assert "idempotent-replayed" not in first.headers
+    assert retry.status_code == 202
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == first.json()
+    assert other.status_code == 422
+    assert [e.id for e in events] == [*first.json()["ids"], *marker]
+    assert [e.data for e in events] == ["a", "b", "after"]
+    assert sample(samples, "trio_stream_publish_replayed_total") == 1
+
+
+async def test_redis_concurrent_same_key_publishes_on_both_processes_append_once(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """For each of 30 keys, A and B get the same publish at once: one appends, the
+    other answers its ids; the log holds each event once."""
+    keys = [f"k{i}" for i in range(30)]
+    answers: dict[str, list[httpx.Response]] = {key: [] for key in keys}
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(30):
+        async with http_client(a.url) as to_a, http_client(b.url) as to_b:
+
+            async def post(client: httpx.AsyncClient, key: str) -> None:
+                response = await client.post(
+                    "/streams/race", json={"data": key}, headers={"Idempotency-Key": key}
+                )
+                answers[key].append(response)
+
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(post, to_a, key)
+                    nursery.start_soon(post, to_b, key)
+            poll = await to_a.get("/streams/race/poll", params={"limit": "1000"})
+    for key in keys:
+        one, two = answers[key]
+        assert one.status_code == two.status_code == 202
+        assert one.json() == two.json()
+        replayed = sorted(r.headers.get("idempotent-replayed", "") for r in (one, two))
+        assert replayed == ["", "true"], key
+    polled = poll.json()["events"]
+    assert sorted(e["data"] for e in polled) == sorted(keys)
+    assert {e["id"] for e in polled} == {answers[key][0].json()["ids"][0] for key in keys}
+
+
+async def test_redis_idempotency_key_expires_with_the_log_ttl(redis: RedisServer) -> None:
+    """In-process: the key is a Redis key in the topic's hash slot, with a PX of the
+    TTL; a refused publish sets none; after the TTL the key publishes again."""
+    backend = RedisBackend(redis.url, prefix="idem:")
+    config = HubConfig(backend=backend, log_ttl=0.5, log_capacity=2)
+    with trio.fail_after(10):
+        async with open_hub(config) as hub:
+            await wait_until(lambda: hub.health() is None)
+            first = await hub.submit("t", [Event(data="a")], idempotency_key="k")
+            ttl_ms = await backend.client.pttl("idem:{t}:idem:k")
+            again = await hub.submit("t", [Event(data="a")], idempotency_key="k")
+            with pytest.raises(IdempotencyKeyReusedError):
+                await hub.submit("t", [Event(data="b")], idempotency_key="k")
+            await hub.submit("t", [Event(data="filler")])
+            with pytest.raises(trio.WouldBlock):
+                await hub.submit("t", [Event(data="c")], idempotency_key="refused")
+            refused_key = await backend.client.exists(["idem:{t}:idem:refused"])
+            await trio.sleep(0.6)
+            gone = await backend.client.exists(["idem:{t}:idem:k"])
+            later = await hub.submit("t", [Event(data="a")], idempotency_key="k")
+    assert 0 < ttl_ms <= 500
+    assert not first.replayed
+    assert again.replayed
+    assert again == first
+    assert refused_key == 0
+    assert gone == 0
+    assert not later.replayed
+    assert later != first
+    assert hub.publish_replayed == 1
+
+
+async def test_redis_retry_after_a_lost_answer_publishes_once(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case keys are for: Redis publishes but its answer comes too late
+    (``maybe_published``); the retry with the same key gets the ids, publishing nothing."""
+    from trio_stream.backends import redis as module
+
+    backend = RedisBackend(redis.url, prefix="lost:")
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            await hub.submit("lost", [Event(data="first")])  # a connection to reuse
+            monkeypatch.setattr(module, "COMMAND_TIMEOUT", 0.2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_block_redis, redis.port, 0.6)
+                await trio.sleep(0.1)
+                with pytest.raises(BackendUnavailableError) as caught:
+                    await hub.submit("lost", [Event(data="second")], idempotency_key="k")
+            monkeypatch.setattr(module, "COMMAND_TIMEOUT", 5.0)
+            retry = await hub.publish("lost", [Event(data="second")], idempotency_key="k")
+            log = hub.log("lost")
+            await wait_until(lambda: log.head >= 2)
+            await trio.sleep(0.2)  # anything more would have come by now
+            head = log.head
+            entry = log.entry(2)
+    assert caught.value.maybe_published
+    assert retry.replayed
+    assert entry is not None
+    assert retry == [entry.id]
+    assert head == 2
