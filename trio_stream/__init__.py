@@ -36,6 +36,7 @@ from ._core._decoder import (
 )
 from ._core._errors import (
     ClientPausedError as ClientPausedError,
+    IdempotencyKeyReusedError as IdempotencyKeyReusedError,
     LimitExceededError as LimitExceededError,
     LocalProtocolError as LocalProtocolError,
     NotSentError as NotSentError,
@@ -50,6 +51,9 @@ from ._core._events import (
     encode as encode,
     encode_comment as encode_comment,
     encode_retry as encode_retry,
+)
+from ._core._idempotency import (
+    Published as Published,
 )
 from ._core._limits import (
     Bucket as Bucket,
@@ -72,6 +76,7 @@ from ._hub import (
     open_hub as open_hub,
 )
 from ._log import (
+    AlreadyPublished as AlreadyPublished,
     BackendUnavailableError as BackendUnavailableError,
     LogStatistics as LogStatistics,
     MemoryLog as MemoryLog,
@@ -96,6 +101,7 @@ from ._ws_client import (
 )
 
 __all__ = [
+    "AlreadyPublished",
     "App",
     "AppConfig",
     "AuthRequest",
@@ -121,6 +127,7 @@ __all__ = [
     "Hub",
     "HubConfig",
     "HubStatistics",
+    "IdempotencyKeyReusedError",
     "JWTAuthorizer",
     "LimitExceededError",
     "Limiter",
@@ -130,6 +137,7 @@ __all__ = [
     "MultiConnection",
     "NotSentError",
     "PollResult",
+    "Published",
     "RateLimitedError",
     "RemoteProtocolError",
     "Sink",

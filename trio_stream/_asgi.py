@@ -33,6 +33,7 @@ from ._auth import (
 from ._core._errors import (
     BatchTooLargeError,
     ClientPausedError,
+    IdempotencyKeyReusedError,
     LimitExceededError,
     LocalProtocolError,
     NotSentError,
@@ -41,6 +42,7 @@ from ._core._errors import (
     UnknownClientError,
 )
 from ._core._events import Event, encode, encode_retry
+from ._core._idempotency import MAX_KEY_LENGTH, check_idempotency_key
 from ._core._names import check_client_id, check_topic
 from ._hub import Hub, HubConfig, PollResult
 from ._log import BackendUnavailableError
@@ -65,6 +67,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 MAX_PUBLISH_BODY: Final = 1024 * 1024
 MAX_ACK_BODY: Final = 64 * 1024
+IDEMPOTENCY_KEY: Final = b"idempotency-key"
 DEFAULT_POLL_LIMIT: Final = 100
 MAX_POLL_LIMIT: Final = 1000
 HEARTBEAT: Final = b":\n\n"
@@ -285,6 +288,36 @@ def poll_url_many(topics: Iterable[str], after: str | None, client_id: str) -> s
         query.append(f"after={quote(after, safe='')}")
     query.append(f"client_id={quote(client_id, safe='')}")
     return f"/streams/_poll?{'&'.join(query)}"
+
+
+def _idempotency_key(scope: Scope) -> str | None:
+    """The ``Idempotency-Key`` of a publish: 1-128 visible ASCII characters, or none.
+
+    Compared as it is (quotes included, were it sent as a structured-field string).
+
+    Raises:
+        _HTTPError: ``400`` for an empty, too long or otherwise bad value, or for the
+            header repeated with different values.
+    """
+    values = {
+        bytes(value)
+        for name, value in scope.get("headers", ())
+        if bytes(name).lower() == IDEMPOTENCY_KEY
+    }
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _HTTPError(400, "Idempotency-Key is repeated with different values")
+    (raw,) = values
+    key = raw.decode("ascii", "replace")
+    try:
+        return check_idempotency_key(key)
+    except LocalProtocolError:
+        raise _HTTPError(
+            400,
+            f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} visible ASCII characters "
+            f"(0x21-0x7E), got {len(raw)} bytes: {key[:40]!r}",
+        ) from None
 
 
 def _check_events(body: object) -> list[Event]:
@@ -821,11 +854,21 @@ class App:
 
     async def _publish(self, request: _Request, topic: str) -> None:
         await self._authorize_publish(request, topic)
+        key = _idempotency_key(request.scope)
         events = _check_events(await request.json(MAX_PUBLISH_BODY))
         try:
-            ids = await self.hub.submit(topic, events)
+            ids = await self.hub.submit(topic, events, idempotency_key=key)
+        except IdempotencyKeyReusedError:
+            raise _HTTPError(
+                422,
+                f"Idempotency-Key {key!r} was already used on topic {topic!r} "
+                "with a different body",
+            ) from None
         except BackendUnavailableError as error:
-            raise _HTTPError(503, str(error), headers=[_retry_after(error.retry_after)]) from None
+            message = str(error)
+            if error.maybe_published and key is not None:
+                message += ": retry with the same Idempotency-Key"
+            raise _HTTPError(503, message, headers=[_retry_after(error.retry_after)]) from None
         except trio.WouldBlock:
             retry_after = self.hub.publish_retry_after(topic)
             raise _HTTPError(
@@ -839,7 +882,8 @@ class App:
             raise _HTTPError(413, str(error)) from None
         except LocalProtocolError as error:
             raise _HTTPError(400, str(error)) from None
-        await self._json(request, 202, {"ids": ids})
+        headers = [(b"idempotent-replayed", b"true")] if ids.replayed else []
+        await self._json(request, 202, {"ids": list(ids)}, headers)
 
     async def _authorize_publish(self, request: _Request, topic: str) -> None:
         """Publishing is open unless ``publish_token`` is set (the contract).

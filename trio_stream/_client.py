@@ -37,6 +37,7 @@ import trio
 from ._core._decoder import Decoder
 from ._core._errors import LocalProtocolError, RemoteProtocolError, TrioStreamError
 from ._core._events import Event
+from ._core._idempotency import Published, check_idempotency_key
 from ._core._names import check_client_id, check_event_name
 from ._pipeline import _lone_exception_unwrapped
 
@@ -1329,9 +1330,10 @@ async def publish(
     *,
     headers: Mapping[str, str] | None = None,
     publish_token: str | None = None,
+    idempotency_key: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     stream_factory: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
-) -> list[str]:
+) -> Published:
     """Publish *events* to a topic with ``POST /streams/{topic}``, all or none.
 
     Args:
@@ -1340,23 +1342,34 @@ async def publish(
             the ids) or strings (the data of unnamed events).
         headers: Extra request headers.
         publish_token: Sent as ``Authorization: Bearer <token>`` (``--publish-token``).
+        idempotency_key: Sent as ``Idempotency-Key`` (1-128 visible ASCII characters):
+            a publish whose answer was lost may then be retried with the same key and
+            events; within the server's ``--log-ttl``, the retry publishes nothing and
+            answers the first publish's ids.
         ssl_context: For ``https`` URLs.
         stream_factory: As for `open_event_stream`.
 
     Returns:
-        The ids the server gave the events, in order.
+        The ids the server gave the events, in order (a ``list[str]``); ``replayed`` is
+        true when the server answered with those of an earlier publish with
+        *idempotency_key* (``Idempotent-Replayed: true``).
 
     Raises:
-        LocalProtocolError: A bad URL, or an event with an ``id``, ``retry`` or ``topic``.
+        LocalProtocolError: A bad URL or key, or an event with an ``id``, ``retry`` or
+            ``topic``.
         HTTPStatusError: The server refused (``429`` when the topic's log is full,
-            with ``retry_after``; ``413``, ``400``, ``401``, ...).
+            with ``retry_after``; ``422`` when *idempotency_key* was used for other
+            events; ``413``, ``400``, ``401``, ...).
         RemoteProtocolError: The answer was malformed.
         OSError: The connection could not be made.
         trio.BrokenResourceError: The connection broke.
 
-    **Cancellation:** safe; the events may or may not have been published.
+    **Cancellation:** safe; the events may or may not have been published (retry with
+    the same *idempotency_key* to publish them once).
     """
     origin, path, query = _split_url(url)
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     items: list[dict[str, str]] = []
     for event in events:
         if isinstance(event, str):
@@ -1376,6 +1389,8 @@ async def publish(
     ]
     if publish_token is not None:
         request_headers.append((b"authorization", f"Bearer {publish_token}".encode()))
+    if idempotency_key is not None:
+        request_headers.append((b"idempotency-key", idempotency_key.encode("ascii")))
     for name, value in (headers or {}).items():
         request_headers.append((name.encode("ascii"), value.encode("latin-1")))
 
@@ -1404,4 +1419,5 @@ async def publish(
     ids = document.get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise RemoteProtocolError("malformed publish response: 'ids' must be a list of strings")
-    return [str(i) for i in ids]
+    replayed = _header(list(response.headers), b"idempotent-replayed")
+    return Published(ids, replayed=(replayed or "").strip().lower() == "true")

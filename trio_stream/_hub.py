@@ -20,11 +20,12 @@ from ._core._errors import (
     TopicLimitError,
     UnknownClientError,
 )
+from ._core._idempotency import Published, check_idempotency_key
 from ._core._limits import Bucket, TokenBucket, _at_least_one, _non_negative, _positive
 from ._core._names import check_client_id, check_event_name, check_topic
 from ._core._ring import Entry, Gap, Resume
 from ._core._stats import LAG_BUCKETS, LATENCY_BUCKETS, RATIO_BUCKETS, Histogram
-from ._log import BackendUnavailableError, LogStatistics, MemoryLog
+from ._log import AlreadyPublished, BackendUnavailableError, LogStatistics, MemoryLog
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -245,6 +246,7 @@ class HubStatistics:
     dropped: int
     write_stalls: int
     publish_rejected: int
+    publish_replayed: int
     retry_signals: dict[str, int]
     global_tokens: int | None
 
@@ -284,6 +286,8 @@ class Hub:
     dropped: int = attrs.field(default=0, init=False)
     write_stalls: int = attrs.field(default=0, init=False)
     publish_rejected: int = attrs.field(default=0, init=False)
+    publish_replayed: int = attrs.field(default=0, init=False)
+    """Publishes answered with the ids of an earlier one (same idempotency key)."""
     retry_signals: dict[str, int] = attrs.field(
         factory=lambda: {"retry_field": 0, "retry_after": 0, "pause": 0}, init=False
     )
@@ -356,93 +360,145 @@ class Hub:
                     del self._topics[name]
                     topic.log.close()
 
-    def _accepted(self, topic: _Topic, entries: list[Entry]) -> list[str]:
+    def _accepted(self, topic: _Topic, entries: list[Entry]) -> Published:
         self.published += len(entries)
         if self.tracing is not None:
             self.tracing.published(topic.name, entries)
         self._check_saturation(topic)
-        return [entry.id for entry in entries]
+        return Published([entry.id for entry in entries])
 
-    def publish_nowait(self, topic: str, events: Iterable[Event]) -> list[str]:
+    def _replayed(self, ids: list[str]) -> Published:
+        self.publish_replayed += 1
+        return Published(ids, replayed=True)
+
+    def publish_nowait(
+        self, topic: str, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> Published:
         """Publish *events* to *topic* at once, all or none; returns their ids.
+
+        Args:
+            topic: The topic.
+            events: The events (their ``id`` is ignored: the log gives each its id).
+            idempotency_key: 1-128 visible ASCII characters naming this publish, so that
+                retrying it is safe: the topic remembers the key with the events' ids
+                for the log's TTL, and a publish with the same key and events meanwhile
+                publishes nothing and returns those ids, with ``replayed`` set. (A batch
+                of no events is not remembered.)
+
+        Returns:
+            The ids, a ``list[str]`` (`Published`) whose ``replayed`` says whether they
+            are those of an earlier publish with *idempotency_key*.
 
         Raises:
             trio.WouldBlock: The topic's log is full of unexpired events (fail closed).
-            LocalProtocolError: A bad topic or event name, or a batch too big to fit.
+            IdempotencyKeyReusedError: *idempotency_key* was used on *topic* within the
+                TTL for other events; nothing was published.
+            LocalProtocolError: A bad topic, event name or key, or a batch too big to fit.
             TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
         """
-        events = _checked(events)
+        events = _checked(events, idempotency_key)
         t = self._topic(topic)
         try:
-            entries = t.log.append_nowait(events)
+            entries = t.log.append_nowait(events, idempotency_key=idempotency_key)
+        except AlreadyPublished as earlier:
+            return self._replayed(earlier.ids)
         except trio.WouldBlock:
             self.publish_rejected += len(events)
             raise
         return self._accepted(t, entries)
 
-    async def submit(self, topic: str, events: Iterable[Event]) -> list[str]:
+    async def submit(
+        self, topic: str, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> Published:
         """Publish *events* to *topic* now, all or none, or refuse; returns their ids.
 
         `publish_nowait` for every backend: with a remote one (Redis) the log's
-        capacity is checked and the events appended in one atomic step there.
+        capacity is checked and the events appended in one atomic step there, and so is
+        *idempotency_key* (as for `publish_nowait`): of processes receiving the same
+        retry, one publishes.
 
         Raises:
             trio.WouldBlock: The topic's log is full of unexpired events (fail closed).
-            LocalProtocolError: A bad topic or event name, or a batch too big to fit.
+            IdempotencyKeyReusedError: *idempotency_key* was used on *topic* within the
+                TTL for other events; nothing was published.
+            LocalProtocolError: A bad topic, event name or key, or a batch too big to fit.
             TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
             BackendUnavailableError: The backend cannot be reached; nothing was published
-                (unless ``maybe_published``: the answer was lost, the outcome is unknown).
+                (unless ``maybe_published``: the answer was lost, the outcome is unknown;
+                retried with the same *idempotency_key*, the events are published once).
 
         Cancellation: with a remote backend, a cancelled call may or may not have
         published the events.
         """
         if self.config.backend is None:
-            return self.publish_nowait(topic, events)
-        events = _checked(events)
+            return self.publish_nowait(topic, events, idempotency_key=idempotency_key)
+        events = _checked(events, idempotency_key)
         t = self._topic(topic)
         if not t.log.remote:
-            return self.publish_nowait(topic, events)
+            return self.publish_nowait(topic, events, idempotency_key=idempotency_key)
+        tracing = self.tracing
+        span, trace_context = (
+            (None, None) if tracing is None else tracing.submitting(topic, len(events))
+        )
         t.streams += 1  # keep the topic while we wait
-        started = trio.current_time()
         try:
-            ids = await t.log.submit(events)
-        except trio.WouldBlock:
-            self.publish_rejected += len(events)
+            ids = await t.log.submit(
+                events, idempotency_key=idempotency_key, trace_context=trace_context
+            )
+        except AlreadyPublished as earlier:
+            if tracing is not None:
+                tracing.answered(span, earlier.ids, replayed=True)
+            return self._replayed(earlier.ids)
+        except BaseException as error:
+            if tracing is not None:
+                tracing.answered(span, (), error=error)
+            if isinstance(error, trio.WouldBlock):
+                self.publish_rejected += len(events)
             raise
         finally:
             t.streams -= 1
+        if tracing is not None:
+            tracing.answered(span, ids)
         self.published += len(ids)
-        if self.tracing is not None:
-            self.tracing.submitted(topic, ids, started, trio.current_time())
         self._check_saturation(t)
-        return ids
+        return Published(ids)
 
-    async def publish(self, topic: str, events: Iterable[Event]) -> list[str]:
+    async def publish(
+        self, topic: str, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> Published:
         """Publish *events* to *topic*, waiting while its log is full; returns their ids.
 
+        *idempotency_key* as for `publish_nowait`; it is looked up again whenever the
+        log has room, so of two publishes waiting with the same key, one publishes.
+
         Raises:
-            LocalProtocolError: A bad topic or event name, or a batch too big to fit.
+            IdempotencyKeyReusedError: *idempotency_key* was used on *topic* within the
+                TTL for other events; nothing was published.
+            LocalProtocolError: A bad topic, event name or key, or a batch too big to fit.
             TopicLimitError: The topic is new and the hub holds ``max_topics`` already.
 
         Cancellation: safe; if cancelled, nothing was published. (With a remote
         backend, a call cancelled while Redis runs the append may have published.)
         Backpressure: waits until the oldest events expire when the log is full; with
         a remote backend, also while it is unavailable. (Retrying after an answer lost
-        in a timeout, it may then publish the events twice: at least once.)
+        in a timeout, it may then publish the events twice: at least once. With an
+        *idempotency_key*, exactly once, if the retry comes within the log's TTL.)
         """
-        events = _checked(events)
+        events = _checked(events, idempotency_key)
         t = self._topic(topic)
         if t.log.remote:  # waits while full, and while the backend is unavailable
             while True:
                 try:
-                    return await self.submit(topic, events)
+                    return await self.submit(topic, events, idempotency_key=idempotency_key)
                 except trio.WouldBlock:
                     await trio.sleep(max(0.01, t.log.retry_after()))
                 except BackendUnavailableError as error:
                     await trio.sleep(error.retry_after)
         t.streams += 1  # keep the topic while we wait
         try:
-            entries = await t.log.append(events)
+            entries = await t.log.append(events, idempotency_key=idempotency_key)
+        except AlreadyPublished as earlier:
+            return self._replayed(earlier.ids)
         finally:
             t.streams -= 1
         return self._accepted(t, entries)
@@ -1057,6 +1113,7 @@ class Hub:
             dropped=self.dropped,
             write_stalls=self.write_stalls,
             publish_rejected=self.publish_rejected,
+            publish_replayed=self.publish_replayed,
             retry_signals=dict(self.retry_signals),
             global_tokens=None if bucket is None else bucket.available(trio.current_time()),
         )
@@ -1066,11 +1123,13 @@ class Hub:
         return {name: topic.log.statistics() for name, topic in self._topics.items()}
 
 
-def _checked(events: Iterable[Event]) -> list[Event]:
+def _checked(events: Iterable[Event], idempotency_key: str | None = None) -> list[Event]:
     events = list(events)
     for event in events:
         if event.event is not None:
             check_event_name(event.event)
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     return events
 
 

@@ -5,19 +5,33 @@ from __future__ import annotations
 import heapq
 import itertools
 import secrets
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import attrs
 import trio
 
-from ._core._errors import BatchTooLargeError, LocalProtocolError, TrioStreamError
+from ._core._errors import (
+    BatchTooLargeError,
+    IdempotencyKeyReusedError,
+    LocalProtocolError,
+    TrioStreamError,
+)
 from ._core._events import Event, encode
+from ._core._idempotency import DIGEST_LENGTH, check_idempotency_key, digest
 from ._core._ring import Entry, Gap, Resume, Ring
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
-__all__ = ["BackendUnavailableError", "LagWatcher", "LogStatistics", "MemoryLog", "wait_any_after"]
+__all__ = [
+    "AlreadyPublished",
+    "BackendUnavailableError",
+    "LagWatcher",
+    "LogStatistics",
+    "MemoryLog",
+    "wait_any_after",
+]
 
 DEFAULT_CAPACITY: Final = 10_000
 DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
@@ -39,6 +53,22 @@ class BackendUnavailableError(TrioStreamError):
         self.maybe_published = maybe_published
 
 
+class AlreadyPublished(TrioStreamError):
+    """The idempotency key given to a log's append names an earlier append of the same
+    events, within the log's TTL: nothing was appended now.
+
+    Not an error (the publish has succeeded, earlier): a signal, as `trio.WouldBlock` is
+    for a full log. ``Hub`` turns it into a `Published` result with ``replayed`` set.
+
+    Attributes:
+        ids: The ids the earlier append gave the events.
+    """
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(f"already published as {ids[0]!r}..{ids[-1]!r}" if ids else "")
+        self.ids = ids
+
+
 class LagWatcher(Protocol):
     """A reader that wants to hear when the log's head passes its lag threshold."""
 
@@ -57,7 +87,7 @@ class LogStatistics:
 
     Attributes:
         depth: Events retained.
-        nbytes: Bytes of encoded events retained.
+        nbytes: Bytes of encoded events retained (and of idempotency keys remembered).
         capacity: Events the log may retain.
         max_bytes: Bytes the log may retain.
         saturation: The larger of ``depth / capacity`` and ``nbytes / max_bytes``.
@@ -67,6 +97,7 @@ class LogStatistics:
         expired: Events dropped because their time was up.
         rejected: Events refused because the log was full.
         waiters: Tasks waiting for new events.
+        idempotency_keys: Idempotency keys remembered (at most one per event retained).
     """
 
     depth: int
@@ -80,6 +111,7 @@ class LogStatistics:
     expired: int
     rejected: int
     waiters: int
+    idempotency_keys: int = 0
 
 
 _ACCEPTED: Final = itertools.count(1)
@@ -93,10 +125,25 @@ def number_accepted(entries: Iterable[Entry]) -> None:
 
 
 _Watch = list[Any]  # [threshold, order, watcher, alive]: a heap item, mutable in place
+_Key = tuple[str, str]  # an idempotency key and the digest of its events
+
+
+def _key_size(key: str) -> int:
+    """Bytes an idempotency key counts toward a log's ``max_bytes``: it and its digest."""
+    return len(key) + DIGEST_LENGTH
 
 
 def _clean(event: Event) -> Event:
     return event if event.id is None else attrs.evolve(event, id=None)
+
+
+@attrs.frozen
+class _Remembered:
+    """What a log remembers of an append under an idempotency key."""
+
+    digest: str
+    first: int
+    count: int
 
 
 @attrs.define(eq=False)
@@ -105,6 +152,15 @@ class MemoryLog:
 
     Events are encoded once, when they are appended; every reader shares the bytes.
     Appending wakes all waiting readers at once, whatever their number.
+
+    An append may carry an idempotency key: the log then remembers the key, with the
+    digest of the events and their positions, for as long as it retains those events
+    (they expire together, after *ttl*). Another append with that key meanwhile appends
+    nothing and raises `AlreadyPublished` with the first one's ids (or
+    `IdempotencyKeyReusedError` if its events differ). Since every key stands for at
+    least one retained event, a log remembers at most *capacity* keys; each counts its
+    length plus 32 bytes (its digest) toward *max_bytes*, so that *max_bytes* bounds
+    the log's memory with or without keys.
 
     Args:
         topic: The topic's name.
@@ -127,6 +183,9 @@ class MemoryLog:
     _watch_order: Iterator[int] = attrs.field(factory=itertools.count, init=False)
     _dead: int = attrs.field(default=0, init=False)
     _listeners: set[Callable[[], object]] = attrs.field(factory=set, init=False)
+    _keys: OrderedDict[str, _Remembered] = attrs.field(factory=OrderedDict, init=False)
+    """Idempotency keys, oldest first (their events expire in that order)."""
+    _key_bytes: int = attrs.field(default=0, init=False)
     published: int = attrs.field(default=0, init=False)
     rejected: int = attrs.field(default=0, init=False)
     remote: ClassVar[bool] = False
@@ -175,7 +234,7 @@ class MemoryLog:
     def saturation(self) -> float:
         """How full the log is: the larger of its count and byte ratios, 0 to 1."""
         ring = self._ring
-        return max(len(ring) / self.capacity, ring.nbytes / self.max_bytes)
+        return max(len(ring) / self.capacity, (ring.nbytes + self._key_bytes) / self.max_bytes)
 
     def id_of(self, position: int) -> str | None:
         """The id of the event at *position*, retained or not (``None`` for 0)."""
@@ -238,12 +297,17 @@ class MemoryLog:
 
     # -- writing ---------------------------------------------------------------------
 
-    def _prepare(self, events: Iterable[Event]) -> tuple[list[tuple[Event, bytes]], int]:
+    def _prepare(
+        self, events: Iterable[Event], key: str | None = None
+    ) -> tuple[list[tuple[Event, bytes]], int]:
+        """Encode *events*; their size in the log, with *key*'s if there is one."""
         try:
             bodies = [(e, encode(e)) for e in map(_clean, events)]
         except UnicodeEncodeError as error:
             raise LocalProtocolError(f"event data is not valid Unicode: {error.reason}") from None
         nbytes = sum(self._ring.wire_size(body) for _, body in bodies)
+        if key is not None and bodies:
+            nbytes += _key_size(key)
         if not self._ring.fits_ever(len(bodies), nbytes):
             raise BatchTooLargeError(
                 f"{len(bodies)} events of {nbytes} bytes can never fit in the log of "
@@ -251,70 +315,150 @@ class MemoryLog:
             )
         return bodies, nbytes
 
-    def _commit(self, bodies: list[tuple[Event, bytes]], nbytes: int) -> list[Entry] | None:
+    def _commit(
+        self, bodies: list[tuple[Event, bytes]], nbytes: int, key: _Key | None = None
+    ) -> list[Entry] | None:
+        """Append, all or none (``None``: no room); no checkpoint from check to append.
+
+        Raises:
+            AlreadyPublished: *key* names an earlier append of the same events.
+            IdempotencyKeyReusedError: *key* names an earlier append of other events.
+        """
         ring = self._ring
         now = trio.current_time()
-        ring.expire(now)
-        if not ring.room_for(len(bodies), nbytes):
+        self._expire(now)
+        if key is not None:
+            self._recall(*key)
+        if not ring.room_for(len(bodies), nbytes + self._key_bytes):
             return None
         entries = ring.append(bodies, now)
         number_accepted(entries)
         self.published += len(entries)
         if entries:
+            if key is not None:
+                self._keys[key[0]] = _Remembered(key[1], entries[0].seq, len(entries))
+                self._key_bytes += _key_size(key[0])
             self._grew()
         return entries
+
+    def _recall(self, key: str, events_digest: str) -> None:
+        """Raise if *key* is remembered: `AlreadyPublished`, or the error if it was used
+        for other events."""
+        remembered = self._keys.get(key)
+        if remembered is None:
+            return
+        if remembered.digest != events_digest:
+            raise IdempotencyKeyReusedError(
+                f"idempotency key {key!r} was used on topic {self.topic!r} for other events"
+            )
+        first = remembered.first
+        raise AlreadyPublished(
+            [self._ring.cursor_id(p) for p in range(first, first + remembered.count)]
+        )
+
+    def _expire(self, now: float) -> int:
+        """Drop the events whose time is up, and the keys of those events."""
+        gone = self._ring.expire(now)
+        keys = self._keys
+        if gone and keys:
+            first = self._ring.first
+            while keys:
+                key, remembered = next(iter(keys.items()))
+                if remembered.first >= first:
+                    break
+                del keys[key]
+                self._key_bytes -= _key_size(key)
+        return gone
+
+    def _keyed(self, bodies: list[tuple[Event, bytes]], key: str | None) -> _Key | None:
+        return None if key is None or not bodies else (key, digest([e for e, _ in bodies]))
 
     def _grew(self) -> None:
         """Wake the readers waiting for new events; tell the lag watchers."""
         self._wake()
         self._check_watchers()
 
-    def append_nowait(self, events: Iterable[Event]) -> list[Entry]:
+    def append_nowait(
+        self, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> list[Entry]:
         """Append *events* at once, all or none; returns their entries (with ids).
 
+        With *idempotency_key*, the log remembers the append under it for as long as it
+        retains the events (see the class's description), unless there are no events.
+
         Raises:
+            AlreadyPublished: *idempotency_key* names an earlier append of the same
+                events, whose ids it carries: nothing was appended (not an error).
+            IdempotencyKeyReusedError: *idempotency_key* names an earlier append of
+                other events: nothing was appended.
             trio.WouldBlock: The log is full of events that have not expired yet
                 (fail closed: nothing already accepted is dropped to make room).
             BatchTooLargeError: The events could never fit, even in an empty log.
-            LocalProtocolError: An event's data is not valid Unicode.
+            LocalProtocolError: An event's data is not valid Unicode, or
+                *idempotency_key* is not 1-128 visible ASCII characters.
         """
-        bodies, nbytes = self._prepare(events)
-        entries = self._commit(bodies, nbytes)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+        bodies, nbytes = self._prepare(events, idempotency_key)
+        entries = self._commit(bodies, nbytes, self._keyed(bodies, idempotency_key))
         if entries is None:
             self.rejected += len(bodies)
             raise trio.WouldBlock
         return entries
 
-    async def append(self, events: Iterable[Event]) -> list[Entry]:
+    async def append(
+        self, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> list[Entry]:
         """Append *events*, waiting while the log is full; returns their entries.
 
+        *idempotency_key* as for `append_nowait`: it is looked up again each time the
+        log has room, so of two appends waiting with the same key, one appends.
+
         Raises:
+            AlreadyPublished: *idempotency_key* names an earlier append of the same
+                events, whose ids it carries: nothing was appended (not an error).
+            IdempotencyKeyReusedError: It names an earlier append of other events.
             BatchTooLargeError: The events could never fit, even in an empty log.
-            LocalProtocolError: An event's data is not valid Unicode.
+            LocalProtocolError: An event's data is not valid Unicode, or a bad key.
 
         Cancellation: safe; if cancelled, nothing was appended.
         Backpressure: waits until enough of the oldest events expire.
         """
-        bodies, nbytes = self._prepare(events)
-        while (entries := self._commit(bodies, nbytes)) is None:
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+        bodies, nbytes = self._prepare(events, idempotency_key)
+        key = self._keyed(bodies, idempotency_key)
+        while (entries := self._commit(bodies, nbytes, key)) is None:
             free_at = self._ring.free_at()
             assert free_at is not None  # a full log holds something
             await trio.sleep_until(free_at)
         await trio.lowlevel.checkpoint()
         return entries
 
-    async def submit(self, events: Iterable[Event]) -> list[str]:
+    async def submit(
+        self,
+        events: Iterable[Event],
+        *,
+        idempotency_key: str | None = None,
+        trace_context: str | None = None,
+    ) -> list[str]:
         """Append *events* now, all or none, or refuse; returns their ids.
 
         The form of `append_nowait` that works for remote logs too (`remote`).
+        *trace_context*, the publish span's ``traceparent``, travels with the events of a
+        remote log to the other processes; a memory log has no use for it.
 
         Raises:
+            AlreadyPublished: *idempotency_key* names an earlier publish of the same
+                events (see `append_nowait`).
+            IdempotencyKeyReusedError: It names an earlier publish of other events.
             trio.WouldBlock: The log is full of unexpired events (fail closed).
             BatchTooLargeError: The events could never fit, even in an empty log.
-            LocalProtocolError: An event's data is not valid Unicode.
+            LocalProtocolError: An event's data is not valid Unicode, or a bad key.
             BackendUnavailableError: A remote log's backend cannot be reached.
         """
-        return [entry.id for entry in self.append_nowait(events)]
+        entries = self.append_nowait(events, idempotency_key=idempotency_key)
+        return [entry.id for entry in entries]
 
     def retry_after(self) -> float:
         """Seconds until a full log frees room (0 when it has room)."""
@@ -322,8 +466,8 @@ class MemoryLog:
         return 0.0 if free_at is None else max(0.0, free_at - trio.current_time())
 
     def expire(self) -> int:
-        """Drop the events whose time is up; returns how many went."""
-        return self._ring.expire(trio.current_time())
+        """Drop the events whose time is up (and their idempotency keys); how many went."""
+        return self._expire(trio.current_time())
 
     # -- lag watching ----------------------------------------------------------------
 
@@ -374,7 +518,7 @@ class MemoryLog:
         oldest = ring.oldest
         return LogStatistics(
             depth=len(ring),
-            nbytes=ring.nbytes,
+            nbytes=ring.nbytes + self._key_bytes,
             capacity=self.capacity,
             max_bytes=self.max_bytes,
             saturation=self.saturation,
@@ -384,6 +528,7 @@ class MemoryLog:
             expired=ring.expired,
             rejected=self.rejected,
             waiters=self._waiters,
+            idempotency_keys=len(self._keys),
         )
 
 

@@ -68,6 +68,11 @@ class HubCollector:
             stats.publish_rejected,
         )
         yield CounterMetricFamily(
+            "trio_stream_publish_replayed",
+            "Publishes answered with the ids of an earlier one (same Idempotency-Key).",
+            stats.publish_replayed,
+        )
+        yield CounterMetricFamily(
             "trio_stream_backend_errors",
             "Operations on the backend (Redis) that failed.",
             hub.backend_errors,

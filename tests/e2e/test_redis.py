@@ -15,11 +15,13 @@ import httpx
 import pytest
 import trio
 
+from trio_stream._core._errors import IdempotencyKeyReusedError
 from trio_stream._core._events import Event, encode
 from trio_stream._core._ring import Entry, Resume
 from trio_stream._hub import Hub, HubConfig, open_hub
 from trio_stream._log import BackendUnavailableError
 from trio_stream.backends.redis import LEASE_AHEAD, RedisBackend, RedisLog, SharedBucket
+from trio_stream.testing import RecordingSink
 
 from ._processes import CliServer, cli_server
 from ._redis import RedisServer, redis_server
@@ -582,16 +584,25 @@ async def test_redis_streaming_clients_stay_announced_while_they_stream(
 
 
 async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
-    """A publish to Redis gets its span, from the request to Redis's answer."""
+    """A publish to Redis gets its span, from the request to Redis's answer; a refused
+    one too, saying why."""
     from tests.runtime.test_observability import FakeTracer
 
     tracer = FakeTracer()
     backend = RedisBackend(redis.url, prefix="trace:")
     with trio.fail_after(10):
-        async with open_hub(HubConfig(backend=backend, tracer=tracer)) as hub:
+        async with open_hub(HubConfig(backend=backend, tracer=tracer, log_capacity=2)) as hub:
             await wait_until(lambda: hub.health() is None)
             ids = await hub.submit("traced", [Event(data="a"), Event(data="b")])
-    (span,) = [s for s in tracer.spans if s.name == "trio_stream.publish"]
+            with pytest.raises(trio.WouldBlock):
+                await hub.submit("traced", [Event(data="c")])
+    span, refused = [s for s in tracer.spans if s.name == "trio_stream.publish"]
+    assert refused.attributes == {
+        "messaging.destination.name": "traced",
+        "messaging.batch.message_count": 1,
+        "error.type": "WouldBlock",
+    }
+    assert refused.end_time is not None
     assert span.attributes == {
         "messaging.destination.name": "traced",
         "messaging.batch.message_count": 2,
@@ -601,6 +612,72 @@ async def test_redis_publish_makes_a_publish_span(redis: RedisServer) -> None:
     assert span.start_time is not None
     assert span.end_time is not None
     assert span.end_time >= span.start_time
+
+
+async def test_redis_delivery_spans_link_to_the_publish_span_of_another_process(
+    redis: RedisServer,
+) -> None:
+    """Publish on hub A, deliver (write and ack) on hub B, two backends on one
+    redis-server: each of B's delivery spans links to A's publish span, by its ids."""
+    from tests.runtime.test_observability import FakeTracer
+
+    tracer_a, tracer_b = FakeTracer(), FakeTracer()
+    sink = RecordingSink()
+    with trio.fail_after(10):
+        async with (
+            open_hub(HubConfig(backend=RedisBackend(redis.url), tracer=tracer_a)) as a,
+            open_hub(HubConfig(backend=RedisBackend(redis.url), tracer=tracer_b, rate=0)) as b,
+            trio.open_nursery() as nursery,
+        ):
+            await wait_until(lambda: a.health() is None and b.health() is None)
+            nursery.start_soon(b.connect("traced", client_id="c", ack=10).run, sink)
+            await wait_until(lambda: b.log("traced").ready)
+            ids = await a.submit("traced", [Event(data="a"), Event(data="b")])
+            await wait_until(lambda: sink.ids == ids)
+            b.ack("traced", client_id="c", last_event_id=ids[-1])
+            nursery.cancel_scope.cancel()
+    (publish,) = tracer_a.spans
+    assert publish.name == "trio_stream.publish"
+    assert publish.attributes["trio_stream.last_event_id"] == ids[-1]
+    assert [s.name for s in tracer_b.spans] == ["trio_stream.write"] * 2 + ["trio_stream.ack"] * 2
+    assert [s.attributes["messaging.message.id"] for s in tracer_b.spans] == ids + ids
+    for span in tracer_b.spans:
+        (link,) = span.linked_to()
+        assert (link.trace_id, link.span_id) == (publish.context.trace_id, publish.context.span_id)
+        assert link.trace_flags == publish.context.trace_flags
+        assert link.is_remote
+
+
+async def test_redis_delivery_spans_without_a_readable_context_have_no_link(
+    redis: RedisServer,
+) -> None:
+    """Events published without tracing, or with a malformed context: delivered, traced
+    without a link, and no tracing error."""
+    from tests.runtime.test_observability import FakeTracer
+
+    tracer = FakeTracer()
+    sink = RecordingSink()
+    with trio.fail_after(10):
+        async with (
+            open_hub(HubConfig(backend=RedisBackend(redis.url))) as a,
+            open_hub(HubConfig(backend=RedisBackend(redis.url), tracer=tracer, rate=0)) as b,
+            trio.open_nursery() as nursery,
+        ):
+            await wait_until(lambda: a.health() is None and b.health() is None)
+            nursery.start_soon(b.connect("untraced", client_id="c").run, sink)
+            await wait_until(lambda: b.log("untraced").ready)
+            ids = await a.submit("untraced", [Event(data="plain")])
+            ids += await a.log("untraced").submit([Event(data="odd")], trace_context="00-zz-1")
+            await wait_until(lambda: sink.ids == ids)
+            stream = await b.config.backend.client.xrange(  # type: ignore[union-attr]
+                "trio_stream:{untraced}:log", "-", "+"
+            )
+            nursery.cancel_scope.cancel()
+    assert [s.name for s in tracer.spans] == ["trio_stream.write"] * 2
+    assert [s.links for s in tracer.spans] == [None, None]
+    assert b.tracing is not None
+    assert b.tracing.errors == 0
+    assert [b"t" in item.field_values for item in stream] == [False, True]
 
 
 # -- publishes without an answer --------------------------------------------------------------
@@ -651,3 +728,133 @@ async def test_redis_publish_without_answer_says_it_may_have_published(
     assert "may or may not have been published" in str(caught.value)
     assert entry is not None
     assert entry.event.data == "second"
+
+
+# -- idempotency keys -------------------------------------------------------------------------
+
+
+async def test_redis_idempotent_retry_on_the_other_process_returns_the_same_ids(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """A publish with a key on A, its retry on B: B answers A's ids, replayed, and a
+    stream (on B) sees the events once; other events with the key are a 422 on either."""
+    batch = [{"data": "a"}, {"event": "tick", "data": "b"}]
+    headers = {"Idempotency-Key": "order-7"}
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(20):
+        async with (
+            http_client(a.url) as to_a,
+            http_client(b.url) as to_b,
+            trio.open_nursery() as nursery,
+        ):
+            reader = await open_reader(nursery, to_b, "/streams/orders")
+            first = await to_a.post("/streams/orders", json=batch, headers=headers)
+            retry = await to_b.post("/streams/orders", json=batch, headers=headers)
+            other = await to_b.post("/streams/orders", json={"data": "c"}, headers=headers)
+            marker = await publish(to_a, "orders", {"data": "after"})
+            events = await reader.wait_events(3)
+            samples = await metrics(to_b)
+            nursery.cancel_scope.cancel()
+    assert first.status_code == 202
+    assert "idempotent-replayed" not in first.headers
+    assert retry.status_code == 202
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == first.json()
+    assert other.status_code == 422
+    assert [e.id for e in events] == [*first.json()["ids"], *marker]
+    assert [e.data for e in events] == ["a", "b", "after"]
+    assert sample(samples, "trio_stream_publish_replayed_total") == 1
+
+
+async def test_redis_concurrent_same_key_publishes_on_both_processes_append_once(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """For each of 30 keys, A and B get the same publish at once: one appends, the
+    other answers its ids; the log holds each event once."""
+    keys = [f"k{i}" for i in range(30)]
+    answers: dict[str, list[httpx.Response]] = {key: [] for key in keys}
+    with two_servers(redis, tmp_path) as (a, b), trio.fail_after(30):
+        async with http_client(a.url) as to_a, http_client(b.url) as to_b:
+
+            async def post(client: httpx.AsyncClient, key: str) -> None:
+                response = await client.post(
+                    "/streams/race", json={"data": key}, headers={"Idempotency-Key": key}
+                )
+                answers[key].append(response)
+
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(post, to_a, key)
+                    nursery.start_soon(post, to_b, key)
+            poll = await to_a.get("/streams/race/poll", params={"limit": "1000"})
+    for key in keys:
+        one, two = answers[key]
+        assert one.status_code == two.status_code == 202
+        assert one.json() == two.json()
+        replayed = sorted(r.headers.get("idempotent-replayed", "") for r in (one, two))
+        assert replayed == ["", "true"], key
+    polled = poll.json()["events"]
+    assert sorted(e["data"] for e in polled) == sorted(keys)
+    assert {e["id"] for e in polled} == {answers[key][0].json()["ids"][0] for key in keys}
+
+
+async def test_redis_idempotency_key_expires_with_the_log_ttl(redis: RedisServer) -> None:
+    """In-process: the key is a Redis key in the topic's hash slot, with a PX of the
+    TTL; a refused publish sets none; after the TTL the key publishes again."""
+    backend = RedisBackend(redis.url, prefix="idem:")
+    config = HubConfig(backend=backend, log_ttl=0.5, log_capacity=2)
+    with trio.fail_after(10):
+        async with open_hub(config) as hub:
+            await wait_until(lambda: hub.health() is None)
+            first = await hub.submit("t", [Event(data="a")], idempotency_key="k")
+            ttl_ms = await backend.client.pttl("idem:{t}:idem:k")
+            again = await hub.submit("t", [Event(data="a")], idempotency_key="k")
+            with pytest.raises(IdempotencyKeyReusedError):
+                await hub.submit("t", [Event(data="b")], idempotency_key="k")
+            await hub.submit("t", [Event(data="filler")])
+            with pytest.raises(trio.WouldBlock):
+                await hub.submit("t", [Event(data="c")], idempotency_key="refused")
+            refused_key = await backend.client.exists(["idem:{t}:idem:refused"])
+            await trio.sleep(0.6)
+            gone = await backend.client.exists(["idem:{t}:idem:k"])
+            later = await hub.submit("t", [Event(data="a")], idempotency_key="k")
+    assert 0 < ttl_ms <= 500
+    assert not first.replayed
+    assert again.replayed
+    assert again == first
+    assert refused_key == 0
+    assert gone == 0
+    assert not later.replayed
+    assert later != first
+    assert hub.publish_replayed == 1
+
+
+async def test_redis_retry_after_a_lost_answer_publishes_once(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case keys are for: Redis publishes but its answer comes too late
+    (``maybe_published``); the retry with the same key gets the ids, publishing nothing."""
+    from trio_stream.backends import redis as module
+
+    backend = RedisBackend(redis.url, prefix="lost:")
+    with trio.fail_after(10):
+        async with open_hub(HubConfig(backend=backend)) as hub:
+            await wait_until(lambda: hub.health() is None)
+            await hub.submit("lost", [Event(data="first")])  # a connection to reuse
+            monkeypatch.setattr(module, "COMMAND_TIMEOUT", 0.2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_block_redis, redis.port, 0.6)
+                await trio.sleep(0.1)
+                with pytest.raises(BackendUnavailableError) as caught:
+                    await hub.submit("lost", [Event(data="second")], idempotency_key="k")
+            monkeypatch.setattr(module, "COMMAND_TIMEOUT", 5.0)
+            retry = await hub.publish("lost", [Event(data="second")], idempotency_key="k")
+            log = hub.log("lost")
+            await wait_until(lambda: log.head >= 2)
+            await trio.sleep(0.2)  # anything more would have come by now
+            head = log.head
+            entry = log.entry(2)
+    assert caught.value.maybe_published
+    assert retry.replayed
+    assert entry is not None
+    assert retry == [entry.id]
+    assert head == 2

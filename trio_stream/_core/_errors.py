@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BatchTooLargeError",
     "ClientPausedError",
+    "IdempotencyKeyReusedError",
     "LimitExceededError",
     "LocalProtocolError",
     "NotSentError",
@@ -78,3 +79,11 @@ class NotSentError(TrioStreamError):
 
 class BatchTooLargeError(LocalProtocolError):
     """A batch of events could never fit in a topic's log, even an empty one."""
+
+
+class IdempotencyKeyReusedError(LocalProtocolError):
+    """An idempotency key was used on the topic, within the TTL, for other events.
+
+    A key stands for one publish: a retry must carry the same events. Nothing was
+    published.
+    """

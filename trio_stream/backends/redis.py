@@ -4,7 +4,8 @@ Needs ``coredis`` (the ``redis`` extra). Per topic, Redis holds two keys, under 
 configurable prefix (``trio_stream:`` by default):
 
 - ``<prefix>{<topic>}:log``, a stream of the topic's events (fields ``e``: name, ``d``:
-  data, ``s``: encoded size, ``c``: running total of sizes), with ids ``<ms>-<n>``: the
+  data, ``s``: encoded size, ``c``: running total of sizes, and, only when the publisher
+  traces, ``t``: the publish span's W3C ``traceparent``), with ids ``<ms>-<n>``: the
   Redis clock in milliseconds (never going back) and the topic's event number;
 - ``<prefix>{<topic>}:meta``, a hash with the last ``n``, the running size total ``c``
   and the last ``ms``.
@@ -13,6 +14,13 @@ Publishing runs one Lua script: trim the expired events (``XTRIM MINID``), check
 and bytes of what remains against the limits, refuse (fail closed) or ``XADD`` all the
 events; so publishers on any number of processes together never overshoot. Both keys
 expire when idle (the stream after ``max(2 * ttl, 60 s)``, the hash after a week).
+
+A publish with an idempotency key K uses a third key, ``<prefix>{<topic>}:idem:<K>``
+(the same hash slot), holding the digest of the events and their ids for the TTL
+(``PX``). The same script looks it up first: if it is there, nothing is appended and
+the script answers with those ids (or says the key was used for other events); if not,
+it appends and sets it. So of any number of processes receiving the same retry, one
+appends.
 
 Reading: each process keeps, per topic it serves, a `RedisLog`: a local mirror (the same
 ring as the memory log, entries encoded once per process) fed by one task that follows
@@ -56,11 +64,12 @@ import coredis.exceptions
 import trio
 from coredis.tokens import PureToken
 
-from .._core._errors import TrioStreamError
+from .._core._errors import IdempotencyKeyReusedError, TrioStreamError
 from .._core._events import Event, encode
+from .._core._idempotency import check_idempotency_key, digest
 from .._core._limits import Bucket, LeasedTokens, TokenBucket, _at_least_one, _positive
 from .._core._ring import Entry, Resume, Ring
-from .._log import BackendUnavailableError, MemoryLog, number_accepted
+from .._log import AlreadyPublished, BackendUnavailableError, MemoryLog, number_accepted
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -111,12 +120,30 @@ OWNED_KEY_TTL: Final = 120.0
 
 _ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
+_PUBLISH_ARGS: Final = 8
+"""Arguments of `_PUBLISH` before the events' (three per event: name, data, size)."""
+
 _PUBLISH: Final = """
-local stream, meta = KEYS[1], KEYS[2]
+local stream, meta, idem = KEYS[1], KEYS[2], KEYS[3]
+local k, trace, digest = tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local base = 8  -- ARGV[base + 3 * (i - 1) + 1 .. 3]: name, data and size of event i
+if idem then
+  local held = redis.call('GET', idem)
+  if held then
+    local earlier, ids = string.match(held, '^(%S+)(.*)$')
+    if earlier ~= digest then
+      return {3}
+    end
+    local replayed = {}
+    for id in string.gmatch(ids, '%S+') do
+      replayed[#replayed + 1] = id
+    end
+    return {2, replayed}
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, capacity, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local k = tonumber(ARGV[6])
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl + 1))
 local len = redis.call('XLEN', stream)
 local m = redis.call('HMGET', meta, 'n', 'c', 'ms')
@@ -134,7 +161,7 @@ end
 local ms = math.max(now, last)
 local sizes, add = {}, 0
 for i = 1, k do
-  sizes[i] = tonumber(ARGV[6 + 3 * i]) + #string.format('%d-%d', ms, n + i) + 5
+  sizes[i] = tonumber(ARGV[base + 3 * i]) + #string.format('%d-%d', ms, n + i) + 5
   add = add + sizes[i]
 end
 if len + k > capacity or held + add > max_bytes then
@@ -145,17 +172,28 @@ for i = 1, k do
   n = n + 1
   c = c + sizes[i]
   local id = string.format('%d-%d', ms, n)
-  local at = 6 + 3 * (i - 1)
-  redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
-             's', sizes[i], 'c', string.format('%d', c))
+  local at = base + 3 * (i - 1)
+  if trace == '' then
+    redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
+               's', sizes[i], 'c', string.format('%d', c))
+  else
+    redis.call('XADD', stream, id, 'e', ARGV[at + 1], 'd', ARGV[at + 2],
+               's', sizes[i], 'c', string.format('%d', c), 't', trace)
+  end
   ids[i] = id
 end
 redis.call('HSET', meta, 'n', string.format('%d', n), 'c', string.format('%d', c),
            'ms', string.format('%d', ms))
 redis.call('PEXPIRE', stream, ARGV[4])
 redis.call('PEXPIRE', meta, ARGV[5])
+if idem and k > 0 then
+  redis.call('SET', idem, digest .. ' ' .. table.concat(ids, ' '), 'PX', ARGV[1])
+end
 return {1, ids}
 """
+"""Answers ``{1, ids}`` (appended), ``{0, ms}`` (full: room in *ms*), ``{2, ids}``
+(the idempotency key names an earlier publish: its ids) or ``{3}`` (the key was used for
+other events)."""
 
 _LIMIT: Final = """
 local key, owners, releases = KEYS[1], KEYS[2], KEYS[3]
@@ -354,6 +392,7 @@ class RedisLog(MemoryLog):
     remote = True
     _key: str = attrs.field(init=False)
     _meta: str = attrs.field(init=False)
+    _idem: str = attrs.field(init=False)
     _loaded: trio.Event = attrs.field(factory=trio.Event, init=False)
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _last_id: str | None = attrs.field(default=None, init=False)
@@ -367,6 +406,7 @@ class RedisLog(MemoryLog):
         prefix = DEFAULT_PREFIX if self.backend is None else self.backend.prefix
         self._key = f"{prefix}{{{self.topic}}}:log"
         self._meta = f"{prefix}{{{self.topic}}}:meta"
+        self._idem = f"{prefix}{{{self.topic}}}:idem:"
 
     def _make_ring(self) -> Ring:
         return _RedisRing(
@@ -401,7 +441,9 @@ class RedisLog(MemoryLog):
 
     # -- publishing ------------------------------------------------------------------
 
-    def append_nowait(self, events: Iterable[Event]) -> list[Entry]:
+    def append_nowait(
+        self, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> list[Entry]:
         """Not available: a Redis log publishes through the network (`submit`).
 
         Raises:
@@ -409,7 +451,9 @@ class RedisLog(MemoryLog):
         """
         raise RuntimeError("a Redis topic log publishes asynchronously: use Hub.submit")
 
-    async def append(self, events: Iterable[Event]) -> list[Entry]:
+    async def append(
+        self, events: Iterable[Event], *, idempotency_key: str | None = None
+    ) -> list[Entry]:
         """Not available: see `append_nowait` (``Hub.publish`` works).
 
         Raises:
@@ -417,22 +461,40 @@ class RedisLog(MemoryLog):
         """
         raise RuntimeError("a Redis topic log publishes asynchronously: use Hub.submit")
 
-    async def submit(self, events: Iterable[Event]) -> list[str]:
+    async def submit(
+        self,
+        events: Iterable[Event],
+        *,
+        idempotency_key: str | None = None,
+        trace_context: str | None = None,
+    ) -> list[str]:
         """Append *events* in Redis, all or none, or refuse; returns their ids.
 
         The events reach this process's readers when the mirror's reader brings them.
+        *trace_context*, the publish span's ``traceparent``, is stored with each event,
+        for the delivery spans of every process to link to.
+
+        With *idempotency_key*, Redis remembers the publish under it for the log's TTL
+        (unless there are no events), and a publish with that key from any process
+        meanwhile appends nothing: checked, appended and remembered in one script.
 
         Raises:
+            AlreadyPublished: *idempotency_key* names an earlier publish of the same
+                events, whose ids it carries: nothing was appended (not an error).
+            IdempotencyKeyReusedError: It names an earlier publish of other events.
             trio.WouldBlock: The topic is full of unexpired events, counting every
                 process's (fail closed).
             BatchTooLargeError: The events could never fit, even in an empty log.
-            LocalProtocolError: An event's data is not valid Unicode.
+            LocalProtocolError: An event's data is not valid Unicode, or a bad key.
             BackendUnavailableError: Redis could not be reached: nothing was published,
                 unless its ``maybe_published`` is true (the request may have reached
-                Redis, and its answer did not come back: the outcome is unknown).
+                Redis, and its answer did not come back: the outcome is unknown; a
+                retry with the same *idempotency_key* publishes at most once).
 
         Cancellation: a cancelled call may or may not have published the events.
         """
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         bodies, _ = self._prepare(events)
         backend = self.backend
         if backend is None or backend.script is None:
@@ -446,12 +508,18 @@ class RedisLog(MemoryLog):
             max(2 * math.ceil(self.ttl * 1000), 60_000),
             META_IDLE_MS,
             len(bodies),
+            trace_context or "",
+            "" if idempotency_key is None else digest([event for event, _ in bodies]),
         ]
+        assert len(args) == _PUBLISH_ARGS
         for event, body in bodies:
             args += [event.event or "", event.data, len(body)]
+        keys = [self._key, self._meta]
+        if idempotency_key is not None:
+            keys.append(f"{self._idem}{idempotency_key}")
         try:
             with trio.fail_after(COMMAND_TIMEOUT):
-                result: Any = await backend.script(keys=[self._key, self._meta], args=args)
+                result: Any = await backend.script(keys=keys, args=args)
         except _ERRORS as error:
             backend.failed(error, f"publishing to topic {self.topic!r}")
             if _never_sent(error):
@@ -464,14 +532,20 @@ class RedisLog(MemoryLog):
                 maybe_published=True,
             ) from None
         backend.worked()
-        accepted, value = result
-        if not accepted:
+        status = int(result[0])
+        if status == 0:
             self.rejected += len(bodies)
-            self._full_until = trio.current_time() + int(value) / 1000
+            self._full_until = trio.current_time() + int(result[1]) / 1000
             raise trio.WouldBlock
-        return [
-            event_id.decode() if isinstance(event_id, bytes) else event_id for event_id in value
-        ]
+        if status == 3:
+            raise IdempotencyKeyReusedError(
+                f"idempotency key {idempotency_key!r} was used on topic {self.topic!r} "
+                "for other events"
+            )
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in result[1]]
+        if status == 2:
+            raise AlreadyPublished(ids)
+        return ids
 
     def retry_after(self) -> float:
         """Seconds until the topic frees room, as Redis said when it last refused."""
@@ -549,6 +623,9 @@ class RedisLog(MemoryLog):
         assert isinstance(ring, _RedisRing)
         batch: list[Entry] = []
         moved = False
+        tracing = None if self.backend is None else self.backend.trace_context
+        traced: bytes | None = None
+        context: object = None
         for item in items:
             event_id = item.identifier.decode()
             ms, n = _split_id(event_id)
@@ -566,6 +643,8 @@ class RedisLog(MemoryLog):
             name = fields.get(b"e", b"").decode("utf-8", "replace") or None
             event = Event(data=fields.get(b"d", b"").decode("utf-8", "replace"), event=name)
             wire = b"id: " + event_id.encode() + b"\n" + encode(event)
+            if tracing is not None and (raw := fields.get(b"t")) != traced:
+                traced, context = raw, tracing(raw)  # one context per publish, shared
             batch.append(
                 Entry(
                     seq=position,
@@ -573,6 +652,7 @@ class RedisLog(MemoryLog):
                     event=event,
                     wire=wire,
                     published_at=ms / 1000 + self._offset,
+                    trace_context=context,
                 )
             )
             number_accepted(batch[-1:])
@@ -909,6 +989,8 @@ class RedisBackend:
     _streaming: set[str] = attrs.field(factory=set, init=False)
     """Clients this process holds streams of, as announced in ``<prefix>client:<id>``."""
     _client_ttl: float = attrs.field(default=300.0, init=False)
+    trace_context: Callable[[bytes | None], object] | None = attrs.field(default=None, init=False)
+    """Turns an entry's ``traceparent`` into a span context, while the hub traces."""
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -990,6 +1072,10 @@ class RedisBackend:
                 self._register_script = client.register_script(_REGISTER)
                 self._forward_script = client.register_script(_FORWARD_ACK)
                 self._client_ttl = hub.config.client_ttl
+                if hub.tracing is not None:
+                    from .._tracing import remote_context  # needs opentelemetry-api
+
+                    self.trace_context = remote_context
                 self._nursery = nursery
                 for log in self._waiting:
                     nursery.start_soon(log.follow)
