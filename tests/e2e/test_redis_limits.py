@@ -204,6 +204,46 @@ async def test_an_owner_cut_off_from_redis_stops_granting_and_does_not_resume(
     assert within_bound(sorted(on_a + on_b))
 
 
+async def test_a_request_to_give_back_that_crosses_the_taking_is_honoured(
+    redis: RedisServer,
+) -> None:
+    """A's request that makes it the owner is answered late (an injected delay); B asks
+    for the bucket meanwhile, so the request to give it back reaches A before A knows
+    it owns it. A gives it back once it learns: never two owners, the limit holds."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            script, calls = a.limit_script, []
+
+            async def answered_late(**kwargs: object) -> object:
+                answer = await script(**kwargs)
+                calls.append(answer)
+                if len(calls) == 1:  # the taking
+                    await trio.sleep(0.3)
+                return answer
+
+            a.limit_script = answered_late
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            nursery.start_soon(drain, bucket_a, on_a)
+            await trio.sleep(0.1)  # A's taking has happened in Redis, unanswered
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.5)
+            state = await fields(b)
+            nursery.cancel_scope.cancel()
+    assert int(calls[0][0]) == -2  # the first answer made A the owner
+    assert on_a
+    assert on_b
+    assert state.get("o") is None  # shared: both still use it
+    assert within_bound(sorted(on_a + on_b))
+
+
 async def unreachable(**kwargs: object) -> object:
     raise OSError("injected: Redis unreachable")
 
