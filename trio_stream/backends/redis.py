@@ -668,7 +668,7 @@ _RELEASE: Final = "release"
 _LEAVE: Final = "leave"
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)  # checked once, at init: fast
 class SharedBucket:
     """A token bucket every process on the Redis server draws from; made by `RedisBackend`.
 
