@@ -525,30 +525,55 @@ class Hub:
     # -- clients ----------------------------------------------------------------------
 
     def _client(self, client_id: str | None) -> _Client:
-        """The entry of *client_id* (made if new; a random id when ``None``)."""
-        now = trio.current_time()
+        """The entry of *client_id* (made if new; a random id when ``None``), seen now.
+
+        Entries are kept in the order they were last seen (`_seen`), so that the idle
+        ones are found at the front, without looking at the others.
+        """
         if client_id is None:
             client_id = secrets.token_urlsafe(12)
-        client = self._clients.pop(client_id, None)  # re-inserted last: LRU order
+        client = self._clients.get(client_id)
         if client is None:
             check_client_id(client_id)
             if len(self._clients) >= self.config.max_clients:
-                self._evict_clients(lambda c: True)
+                self._evict_one_client()
                 if len(self._clients) >= self.config.max_clients:
                     raise LimitExceededError("too many clients", retry_after=self._retry_after())
             cfg = self.config
             bucket = self._bucket(f"client:{client_id}", cfg.rate, cfg.burst) if cfg.rate else None
-            client = _Client(client_id, bucket)
-        client.last_seen = now
-        self._clients[client_id] = client
+            client = _Client(client_id, bucket, last_seen=trio.current_time())
+            self._clients[client_id] = client
+        else:
+            self._seen(client)
         return client
 
-    def _evict_clients(self, idle: Callable[[_Client], bool], *, all_of_them: bool = False) -> None:
-        for client_id, client in list(self._clients.items()):
-            if not client.streams and idle(client):
-                del self._clients[client_id]
-                if not all_of_them and len(self._clients) < self.config.max_clients:
-                    return
+    def _seen(self, client: _Client) -> None:
+        """Note that *client* was seen now: its entry moves to the back."""
+        client.last_seen = trio.current_time()
+        clients = self._clients
+        del clients[client.id]  # (registered: only clients without streams are evicted)
+        clients[client.id] = client
+
+    def _evict_one_client(self) -> None:
+        """Forget the least recently seen client that has no stream open."""
+        victim = next((c for c in self._clients.values() if not c.streams), None)
+        if victim is not None:
+            del self._clients[victim.id]
+
+    def _evict_idle_clients(self) -> None:
+        """Forget the clients not seen for ``client_ttl``, unless they stream (then they
+        count as seen now). Looks at those and the first one seen since, no others."""
+        cutoff = trio.current_time() - self.config.client_ttl
+        stale = []
+        for client in self._clients.values():
+            if client.last_seen > cutoff:
+                break
+            stale.append(client)
+        for client in stale:
+            if client.streams:
+                self._seen(client)
+            else:
+                del self._clients[client.id]
 
     def client_statistics(self, client_id: str) -> ClientStatistics:
         """A snapshot of a client's entry.
@@ -716,7 +741,7 @@ class Hub:
             record.connections.discard(connection)
             topic.streams -= 1
         connection.client.streams -= 1
-        connection.client.last_seen = trio.current_time()
+        self._seen(connection.client)
         self.connections -= 1
 
     def pause(self, connection: Connection, after: str | None) -> None:
@@ -790,7 +815,7 @@ class Hub:
             position = None
         if client is None:
             raise UnknownClientError(f"unknown client {client_id!r}")
-        client.last_seen = trio.current_time()
+        self._seen(client)
         if buffer_utilization is not None:
             self.buffer_utilization.observe(buffer_utilization)
         if t is None or record is None or record.log is not t.log or position is None:
@@ -850,7 +875,7 @@ class Hub:
         client = self._clients.get(client_id)
         if client is None:
             raise UnknownClientError(f"unknown client {client_id!r}")
-        client.last_seen = trio.current_time()
+        self._seen(client)
         if buffer_utilization is not None:
             self.buffer_utilization.observe(buffer_utilization)
         not_sent = NotSentError(f"{last_event_id[:300]!r} was not sent to client {client_id!r}")
@@ -1038,8 +1063,7 @@ class Hub:
             topic.log.expire()
             self._check_saturation(topic)
         self._forget_idle_topics()
-        cutoff = trio.current_time() - self.config.client_ttl
-        self._evict_clients(lambda c: c.last_seen <= cutoff, all_of_them=True)
+        self._evict_idle_clients()
 
     async def run_housekeeping(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -453,3 +453,70 @@ async def test_ten_thousand_streams_share_the_events(autojump_clock: object) -> 
         assert refs == 2  # the entry's attribute and getrefcount's argument
         nursery.cancel_scope.cancel()
     assert hub.connections == 0
+
+
+# -- the client registry --------------------------------------------------------------
+
+
+def known(hub: Hub) -> set[str]:
+    """The client ids *hub* still has an entry for."""
+    found = set()
+    for client_id in ("a", "b", "c", "s"):
+        try:
+            hub.client_statistics(client_id)
+        except UnknownClientError:
+            continue
+        found.add(client_id)
+    return found
+
+
+async def test_idle_clients_are_forgotten_after_client_ttl_since_last_seen(
+    autojump_clock: object,
+) -> None:
+    """Polls at 0, 1, 2 and 3 s (a again), a stream from 3 s: at 12.5 s (ttl 10) only b
+    and c go; at 13.5 s a goes, s stays while it streams; s goes 10 s after it ends."""
+    hub = Hub(config(client_ttl=10.0))
+    start = trio.current_time()
+    for client_id in ("a", "b", "c", "a"):
+        hub.poll("t", client_id=client_id, after=None)
+        await trio.sleep(1)
+    sink = RecordingSink()
+    async with trio.open_nursery() as nursery:
+        await run_stream(nursery, hub.connect("t", client_id="s"), sink)
+        await trio.sleep_until(start + 12.5)
+        hub.housekeep()
+        at_12 = known(hub)
+        await trio.sleep(1)
+        hub.housekeep()
+        at_13 = known(hub)
+        await trio.sleep(10)
+        hub.housekeep()
+        streaming_at_23 = known(hub)
+        nursery.cancel_scope.cancel()
+    ended = trio.current_time()
+    await trio.sleep_until(ended + 9.9)
+    hub.housekeep()
+    before = known(hub)
+    await trio.sleep(0.2)
+    hub.housekeep()
+    assert at_12 == {"a", "s"}
+    assert at_13 == {"s"}
+    assert streaming_at_23 == {"s"}  # seen while it streams, however long
+    assert before == {"s"}
+    assert known(hub) == set()
+
+
+async def test_a_full_registry_forgets_the_least_recently_seen_idle_client(
+    autojump_clock: object,
+) -> None:
+    """Room for three: a (streaming), b and c (polled, then b again). A fourth client
+    makes room by forgetting c, seen least recently of those without a stream."""
+    hub = Hub(config(max_clients=3))
+    async with trio.open_nursery() as nursery:
+        await run_stream(nursery, hub.connect("t", client_id="a"), RecordingSink())
+        for client_id in ("b", "c", "b"):
+            await trio.sleep(1)
+            hub.poll("t", client_id=client_id, after=None)
+        hub.poll("t", client_id="s", after=None)
+        assert known(hub) == {"a", "b", "s"}
+        nursery.cancel_scope.cancel()
