@@ -26,7 +26,7 @@ import pytest
 from ._support import host_port
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from pathlib import Path
 
 START_TIMEOUT = 10.0  # seconds for nginx to accept connections
@@ -89,10 +89,14 @@ def _location(path: str, upstream: str, read_timeout: float, extra: str = "") ->
         }}"""
 
 
-def config(prefix: Path, port: int, upstream_url: str, *, read_timeout: float) -> str:
-    """nginx.conf: one server on 127.0.0.1:*port* proxying to *upstream_url*."""
-    host, upstream_port = host_port(upstream_url)
-    upstream = f"http://{host}:{upstream_port}"
+def config(prefix: Path, port: int, upstream_urls: Sequence[str], *, read_timeout: float) -> str:
+    """nginx.conf: one server on 127.0.0.1:*port* balancing over *upstream_urls*.
+
+    Round robin; a server that refuses a connection is skipped for 10 s and the request
+    goes to the next (nginx's defaults).
+    """
+    servers = "".join("server {}:{};".format(*host_port(url)) for url in upstream_urls)
+    upstream = "http://upstreams"
     user = "user root;" if os.geteuid() == 0 else ""  # workers may then use the prefix
     locations = _location("/", upstream, read_timeout) + _location(
         f"{IGNORING_ACCEL}/",
@@ -108,6 +112,7 @@ error_log {prefix}/error.log info;
 events {{ worker_connections 256; }}
 http {{
     access_log {prefix}/access.log;
+    upstream upstreams {{ {servers} }}
     client_body_temp_path {prefix}/client_body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -138,15 +143,19 @@ def _wait_listening(process: subprocess.Popen[bytes], port: int, error_log: Path
 
 
 @contextmanager
-def running_nginx(upstream_url: str, prefix: Path, *, read_timeout: float = 2.0) -> Iterator[Nginx]:
-    """nginx proxying to *upstream_url*, with ``proxy_read_timeout`` *read_timeout*."""
+def running_nginx(
+    upstream_url: str | Sequence[str], prefix: Path, *, read_timeout: float = 2.0
+) -> Iterator[Nginx]:
+    """nginx proxying to *upstream_url* (or balancing over several), with
+    ``proxy_read_timeout`` *read_timeout*."""
+    urls = [upstream_url] if isinstance(upstream_url, str) else list(upstream_url)
     executable = require_nginx()
     prefix.mkdir(parents=True, exist_ok=True)
     error_log = prefix / "error.log"
     for attempt in range(3):  # the free port may be taken before nginx binds it
         port = _free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(config(prefix, port, upstream_url, read_timeout=read_timeout))
+        conf.write_text(config(prefix, port, urls, read_timeout=read_timeout))
         argv = [executable, "-p", str(prefix), "-c", str(conf), "-e", str(error_log)]
         process = subprocess.Popen(
             [*argv, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -319,6 +319,40 @@ async def test_a_lapsed_owner_is_taken_over_as_if_it_emptied_the_bucket(
     assert within_bound(sorted(on_a + on_b), rate, burst)  # B's burst was A's
 
 
+async def test_a_late_renewal_pauses_an_owned_bucket_without_giving_it_up(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's renewals fail for longer than its life as an owner (injected), then work
+    again; nobody else wanted the bucket. It grants nothing meanwhile, and then goes on
+    with the same state: Redis confirmed it is still A's, nothing asked again."""
+    backend = RedisBackend(redis.url, prefix="lim:")
+    spent: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, backend)
+            bucket = backend.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket, SharedBucket)
+            nursery.start_soon(drain, bucket, spent)
+            await trio.sleep(0.3)
+            working = backend._alive_script
+            monkeypatch.setattr(backend, "_alive_script", unreachable)
+            cut = trio.current_time()
+            await trio.sleep(0.6)  # lapsed here, and in Redis
+            lapsed = backend.alive_until
+            backend._alive_script = working
+            back = trio.current_time()
+            await trio.sleep(0.5)
+            state = await fields(backend)
+            nursery.cancel_scope.cancel()
+    assert cut < lapsed < back
+    assert not [t for t in spent if lapsed <= t < back]  # paused
+    assert [t for t in spent if t > back]  # then on again
+    assert backend.epoch >= 2  # the lapse was seen ...
+    assert bucket.requests == 1  # ... and the bucket kept: no request but the first
+    assert state["o"] == backend.origin
+    assert within_bound(spent)
+
+
 async def test_an_idle_owned_bucket_is_given_back_and_its_key_expires(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,16 +101,19 @@ Redis at most about ``2 / LEASE_AHEAD`` times a second, whatever its rate.
 """
 LEASE_FLOOR: Final = 0.005
 """A shared bucket waiting for a lease says it is ready no sooner than this from now."""
-OWNER_HOLD: Final = 10.0
+OWNER_HOLD: Final = 3.0
 """Seconds a process stays an owner of buckets after its last renewal.
 
 A process that crashes or loses Redis keeps the buckets it owns from the others this
-long (they then take them over as if it had emptied them). Long, because a saturated
-process can take seconds for a round trip to Redis (coredis takes several task steps,
-each one pass of a busy scheduler), and a lapse makes it ask again for every bucket.
+long (they then take them over as if it had emptied them). A saturated process can
+take a second or two for a round trip to Redis (coredis takes several task steps, each
+one pass of a busy scheduler): if its renewal comes late, its buckets pause, and resume
+when it comes (see `RedisBackend.epoch`).
 """
-OWNER_RENEW: Final = 1.0
+OWNER_RENEW: Final = 0.5
 """Seconds between renewals of a process's life as an owner of buckets."""
+PAUSED_POLL: Final = 0.05
+"""While an owned bucket is paused, `SharedBucket.ready_at` says to look again this soon."""
 RELEASES_KEPT: Final = 10_000
 """Release requests kept (about) in ``<prefix>releases``, for the processes to follow."""
 OWNED_IDLE: Final = 30.0
@@ -680,8 +683,9 @@ class SharedBucket:
       global bucket of a lone process), that process owns it: it holds the bucket's
       state (a `TokenBucket`) and asks Redis nothing per event. It stays the owner while
       it renews its life as an owner (every ``OWNER_RENEW``, one request for all its
-      buckets) and uses the bucket; it stops granting from it as soon as its renewals
-      lapse, and gives it back once idle for ``OWNED_IDLE``.
+      buckets) and uses the bucket; it pauses the bucket as soon as its renewals lapse
+      (until one comes, and Redis confirms that the bucket is still its own), and gives
+      it back once idle for ``OWNED_IDLE``.
     - When another process needs the bucket, it asks the owner (through Redis) to give
       it back with the state it reached. From then on all its users lease tokens from
       the GCRA state in Redis (`LeasedTokens`): each leased token is usable only within
@@ -749,10 +753,13 @@ class SharedBucket:
         self._size = min(self.burst, max(1, math.ceil(self.rate * LEASE_AHEAD)))
 
     def _owned(self, now: float) -> TokenBucket | None:
-        """The bucket's state if this process owns it and may use it at *now*."""
+        """The bucket's state if this process owns it and may use it at *now*.
+
+        ``None`` while it is paused too: its owner's renewals lapsed (here, or in Redis
+        and Redis has not confirmed since that the bucket is still this process's).
+        """
         own, backend = self._own, self.backend
         if own is not None and (now >= backend.alive_until or self._epoch != backend.epoch):
-            self._drop()  # our renewals lapsed: another process may take it over
             return None
         return own
 
@@ -797,6 +804,8 @@ class SharedBucket:
         own = self._owned(now)
         if own is not None:
             return own.ready_at(now, n)
+        if self._own is not None:  # paused
+            return now + PAUSED_POLL
         at = self._tokens.ready_at(now, n)
         if at is not None:
             return at
@@ -823,6 +832,16 @@ class SharedBucket:
     def lose(self) -> None:
         """Forget the bucket's state: another process took it over."""
         self._own = self._owed = None
+
+    @property
+    def owns(self) -> bool:
+        """Whether this process owns the bucket (even if paused)."""
+        return self._own is not None
+
+    def confirm(self, epoch: int) -> None:
+        """Redis confirmed that the bucket was still this process's at *epoch*."""
+        if self._own is not None:
+            self._epoch = max(self._epoch, epoch)
 
     def idle_since(self, moment: float) -> bool:
         """Whether the bucket was not used after *moment*."""
@@ -908,10 +927,14 @@ class SharedBucket:
         self._owed = None  # handed back, or somebody took the bucket over meanwhile
         count, ahead = int(count), float(last) / 1e6
         if count == -2:  # ours now: its state, as late as it can be
-            own = TokenBucket(self.rate, self.burst)
-            own.restore(received + ahead + self._tokens.debt * interval)
+            tat = received + ahead + self._tokens.debt * interval
             self._tokens.clear()
-            self._own, self._epoch = own, epoch  # a lapse since: not ours after all
+            if epoch != backend.epoch:  # our life lapsed meanwhile: maybe not ours now
+                self._owed = tat
+                return False
+            own = TokenBucket(self.rate, self.burst)
+            own.restore(tat)
+            self._own, self._epoch = own, epoch
             self._used_at = max(self._used_at, received)
             self._wanted = False
             self._patience = LEASE_FLOOR
@@ -1170,10 +1193,12 @@ class RedisBackend:
     async def _keep_alive(self) -> None:
         """Renew this process's life as an owner of buckets every ``OWNER_RENEW`` seconds.
 
-        While renewals fail, the buckets it owns stop granting once ``OWNER_HOLD`` has
-        passed since the last one sent; if Redis saw that life lapse, they are not its
-        own any more (`epoch`): others may have taken them over.
+        The buckets it owns pause once ``OWNER_HOLD`` has passed since the last renewal
+        sent, until the next one comes. If Redis saw that life lapse meanwhile, others
+        may have taken them over: a new `epoch` keeps them paused until Redis confirms
+        which are still this process's (one request for all), and the others are lost.
         """
+        checked = True
         while True:
             sent = trio.current_time()
             try:
@@ -1189,8 +1214,11 @@ class RedisBackend:
             self.worked()
             if not int(was_alive):
                 self.epoch += 1
+                checked = False
             self.alive_until = sent + OWNER_HOLD
             self._alive.set()
+            if not checked:
+                checked = await self._touch([b for b in self._owned.values() if b.owns])
             await trio.sleep(OWNER_RENEW)
 
     async def _keep_owned(self) -> None:
@@ -1205,23 +1233,35 @@ class RedisBackend:
                     bucket.give_back(keep=False)
                 else:
                     kept.append(bucket)
-            for i in range(0, len(kept), READ_COUNT):
-                chunk = kept[i : i + READ_COUNT]
-                try:
-                    with trio.fail_after(COMMAND_TIMEOUT):
-                        states = await self._touch_script(
-                            keys=[bucket.key for bucket in chunk],
-                            args=[self.origin, round(OWNED_KEY_TTL * 1000)],
-                        )
-                except _ERRORS as error:
-                    self.failed(error, "keeping owned buckets")
-                    break
-                for bucket, state in zip(chunk, states, strict=True):
+            await self._touch(kept)
+
+    async def _touch(self, buckets: list[SharedBucket]) -> bool:
+        """Keep the keys of *buckets* (owned here) alive, and learn which still are ours.
+
+        Confirms those that are (at the `epoch` of the request), gives back those
+        another process asked for, forgets the others. Whether every request worked.
+        """
+        epoch = self.epoch
+        for i in range(0, len(buckets), READ_COUNT):
+            chunk = buckets[i : i + READ_COUNT]
+            try:
+                with trio.fail_after(COMMAND_TIMEOUT):
+                    states = await self._touch_script(
+                        keys=[bucket.key for bucket in chunk],
+                        args=[self.origin, round(OWNED_KEY_TTL * 1000)],
+                    )
+            except _ERRORS as error:
+                self.failed(error, "keeping owned buckets")
+                return False
+            for bucket, state in zip(chunk, states, strict=True):
+                if int(state):
+                    bucket.confirm(epoch)
                     if int(state) == 2:  # asked for, and the request missed
                         bucket.give_back(keep=True)
-                    elif not int(state):  # taken over: our state is moot
-                        bucket.lose()
-                        self.disown(bucket)
+                else:  # taken over: our state is moot
+                    bucket.lose()
+                    self.disown(bucket)
+        return True
 
     def _apply_release(self, fields: dict[str, str]) -> None:
         """Another process asks for a bucket this one owns: give it back."""
