@@ -353,6 +353,118 @@ async def test_a_late_renewal_pauses_an_owned_bucket_without_giving_it_up(
     assert within_bound(spent)
 
 
+async def test_a_renewal_whose_answer_was_lost_counts_as_a_lapse(redis: RedisServer) -> None:
+    """A's renewal is stuck past A's life as an owner, runs in Redis (finding that life
+    lapsed) and its answer is lost; meanwhile B took the bucket over. The next renewal
+    finds A alive (the lost one renewed it): A must still treat it as a lapse and not
+    use its old state beside B."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            nursery.start_soon(drain, bucket_a, on_a)
+            await trio.sleep(0.3)
+            script, answers = a._alive_script, list[int]()
+
+            async def stuck_then_lost(**kwargs: object) -> object:
+                if answers:
+                    return await script(**kwargs)
+                await trio.sleep(0.6)  # on its way, longer than A's life lasts
+                answers.append(int(await script(**kwargs)))
+                raise trio.TooSlowError  # ... and its answer never comes back
+
+            a._alive_script = stuck_then_lost
+            epoch = a.epoch
+            await trio.sleep(0.45)  # A's life has lapsed in Redis
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.6)
+            nursery.cancel_scope.cancel()
+    assert answers == [0]  # the lost answer said: lapsed
+    assert a.epoch > epoch
+    assert on_b
+    assert within_bound(sorted(on_a + on_b))
+
+
+async def test_a_touch_that_crosses_the_taking_of_a_bucket_leaves_it_known(
+    redis: RedisServer,
+) -> None:
+    """A's periodic touch of its buckets runs while A's request that makes a bucket its
+    own is on its way (the touch finds the bucket not A's yet). A must still know it
+    owns the bucket: asked for it later, A gives it back, so the limit holds."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            script, crossed = a.limit_script, list[bool]()
+
+            async def touched_on_the_way(**kwargs: object) -> object:
+                args = kwargs["args"]
+                assert isinstance(args, list)
+                if not crossed and args[8] == "lease":
+                    crossed.append(await a._touch(list(a._owned.values())))
+                return await script(**kwargs)
+
+            a.limit_script = touched_on_the_way
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            nursery.start_soon(drain, bucket_a, on_a)
+            await trio.sleep(0.3)
+            known = bucket_a.owns and KEY in a._owned
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+    assert crossed == [True]
+    assert known
+    assert on_b
+    assert within_bound(sorted(on_a + on_b))
+
+
+async def test_an_owned_key_outlives_the_span_of_its_bucket(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Scaled down: keys of owned buckets live 1 s, the bucket's span is 2 s.) A owns
+    a 10/s bucket of 20, spends it and crashes; the key must keep A's state until the
+    bucket has refilled, so B, coming after the 1 s, still finds it empty."""
+    monkeypatch.setattr(module, "OWNED_KEY_TTL", 1.0)
+    monkeypatch.setattr(module, "OWNED_IDLE", 0.2)
+    rate, burst = 10.0, 20
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            await run_backend(outer, b)
+            async with trio.open_nursery() as nursery:
+                await run_backend(nursery, a)
+                bucket_a = a.bucket("client:x", rate, burst)
+                await wait_until(lambda: bucket_a.available(trio.current_time()) == burst)
+                now = trio.current_time()
+                bucket_a.consume(now, burst)
+                on_a += [now] * burst
+                nursery.cancel_scope.cancel()  # A is gone, owning an empty bucket
+            await trio.sleep(1.1)
+            bucket_b = b.bucket("client:x", rate, burst)
+            assert isinstance(bucket_b, SharedBucket)
+            outer.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.0)
+            outer.cancel_scope.cancel()
+    assert on_b
+    # A's burst and B's first tokens lie within 2 s (the span): one bucket's worth.
+    assert busiest(sorted(on_a + on_b), 2.0) <= rate * 2.0 + burst + 1
+
+
 async def test_an_idle_owned_bucket_is_given_back_and_its_key_expires(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

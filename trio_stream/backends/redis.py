@@ -112,16 +112,27 @@ when it comes (see `RedisBackend.epoch`).
 """
 OWNER_RENEW: Final = 0.5
 """Seconds between renewals of a process's life as an owner of buckets."""
-PAUSED_POLL: Final = 0.05
+PAUSED_POLL: Final = 0.2
 """While an owned bucket is paused, `SharedBucket.ready_at` says to look again this soon."""
 RELEASES_KEPT: Final = 10_000
 """Release requests kept (about) in ``<prefix>releases``, for the processes to follow."""
 OWNED_IDLE: Final = 30.0
 """Seconds after its last use that an owned bucket is given back (checked this often)."""
 OWNED_KEY_TTL: Final = 120.0
-"""Seconds an owned bucket's key lives in Redis unless its owner touches it."""
+"""Seconds an owned bucket's key lives in Redis unless its owner touches it (or longer:
+see `owned_key_ttl`)."""
 
 _ERRORS: Final = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+
+
+def owned_key_ttl(span: float) -> float:
+    """Seconds an owned bucket's key lives after its owner took or touched it.
+
+    If the owner crashed, what it may have granted (until its next touch, or its
+    renewals' lapse) must stay counted for *span* (``burst / rate``) more.
+    """
+    return max(OWNED_KEY_TTL, 2 * OWNED_IDLE + OWNER_HOLD + span)
+
 
 _PUBLISH_ARGS: Final = 8
 """Arguments of `_PUBLISH` before the events' (three per event: name, data, size)."""
@@ -222,8 +233,8 @@ end
 if tat < now then tat = now end
 if owner then
   if op ~= 'lease' then return {0, '0'} end
-  if not s[3] then
-    redis.call('HSET', key, 'w', '1')
+  if not s[3] or tonumber(s[3]) < now - hold then  -- not asked yet, or long ago: missed?
+    redis.call('HSET', key, 'w', fmt(now))
     redis.call('XADD', releases, 'MAXLEN', '~', ARGV[11], '*', 'o', me, 'to', owner, 'k', key)
   end
   redis.call('HSET', key, 'h:' .. me, fmt(now + hold))
@@ -269,8 +280,9 @@ return {n, fmt(tat - now)}
 
 Fields: ``t``, the GCRA TAT; ``o``, the process that owns the bucket, if one does (it
 keeps the TAT locally meanwhile; it is alive, and may take buckets, while its entry in
-the hash ``KEYS[2]`` lies ahead), and ``s``, its ``burst * interval``; ``w``, set once
-another process asked the owner to release it (on the stream ``KEYS[3]``);
+the hash ``KEYS[2]`` lies ahead), and ``s``, its ``burst * interval``; ``w``, when another
+process last asked the owner to release it (on the stream ``KEYS[3]``; asked again if
+that is ``hold`` ago);
 ``h:<process>``, until when a process holds it shared.
 
 ``op`` is ``lease``, ``release`` (the owner gives the bucket back and holds it shared)
@@ -303,9 +315,10 @@ return 0
 _TOUCH: Final = """
 local out = {}
 for i = 1, #KEYS do
-  local s = redis.call('HMGET', KEYS[i], 'o', 'w')
+  local s = redis.call('HMGET', KEYS[i], 'o', 'w', 's')
   if s[1] == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    local span_ms = math.ceil((tonumber(s[3]) or 0) / 1000)
+    redis.call('PEXPIRE', KEYS[i], math.max(tonumber(ARGV[2]), span_ms + tonumber(ARGV[3])))
     if s[2] then out[i] = 2 else out[i] = 1 end
   else
     out[i] = 0
@@ -314,7 +327,11 @@ end
 return out
 """
 """Keep the buckets this process owns from expiring: per key, ``1`` (still ours),
-``2`` (ours, and somebody asked for it) or ``0`` (not ours any more)."""
+``2`` (ours, and somebody asked for it) or ``0`` (not ours any more).
+
+An owned key lives ``ARGV[2]`` ms, and at least ``ARGV[3]`` ms beyond its span: if its
+owner crashed, the state it left must outlive what it may have granted.
+"""
 
 _REGISTER: Final = """
 for i = 1, #KEYS do
@@ -719,6 +736,7 @@ class SharedBucket:
     Attributes:
         leased: Tokens leased from Redis so far (statistics).
         requests: Requests answered by Redis so far (statistics).
+        late: Leases answered too late to use any of their tokens (statistics).
     """
 
     backend: RedisBackend
@@ -727,6 +745,9 @@ class SharedBucket:
     burst: int = attrs.field(validator=_at_least_one)
     leased: int = attrs.field(default=0, init=False)
     requests: int = attrs.field(default=0, init=False)
+    late: int = attrs.field(default=0, init=False)
+    _late: bool = attrs.field(default=False, init=False)
+    """The last lease came too late to use: ask for no reserve until one does not."""
     _own: TokenBucket | None = attrs.field(default=None, init=False)
     """The bucket's state while this process owns it."""
     _epoch: int = attrs.field(default=-1, init=False)
@@ -838,6 +859,11 @@ class SharedBucket:
         """Whether this process owns the bucket (even if paused)."""
         return self._own is not None
 
+    @property
+    def ownership(self) -> object:
+        """What changes each time this process takes the bucket, or stops owning it."""
+        return self._own
+
     def confirm(self, epoch: int) -> None:
         """Redis confirmed that the bucket was still this process's at *epoch*."""
         if self._own is not None:
@@ -893,18 +919,18 @@ class SharedBucket:
         span = self.burst * interval
         sent, epoch = trio.current_time(), backend.epoch
         owed = self._owed
-        mine = -1 if owed is None else round(1e6 * max(0.0, owed - sent))
+        mine = -1 if owed is None else math.ceil(1e6 * max(0.0, owed - sent))
         args = [
             repr(1e6 * interval),
             self.burst,
             self._size,
             round(LEASE_AHEAD * 1e6),
-            self._size if self._wanted else 0,
+            self._size if self._wanted and not self._late else 0,
             backend.origin,
             round(OWNER_HOLD * 1e6),
             mine,
             op,
-            round(OWNED_KEY_TTL * 1000),
+            math.ceil(1000 * owned_key_ttl(span)),
             RELEASES_KEPT,
         ]
         keys = [self.key, f"{backend.prefix}owners", f"{backend.prefix}releases"]
@@ -935,6 +961,7 @@ class SharedBucket:
             own = TokenBucket(self.rate, self.burst)
             own.restore(tat)
             self._own, self._epoch = own, epoch
+            backend.own(self)  # (again, if a touch crossed this request)
             self._used_at = max(self._used_at, received)
             self._wanted = False
             self._patience = LEASE_FLOOR
@@ -955,6 +982,21 @@ class SharedBucket:
             self._next_request = self._ripens - LEASE_AHEAD
             return False
         self.leased += count
+        if received - sent > span:  # no token's window is left: all lapsed on the way
+            self.late += 1
+            if not self._late:
+                logger.warning(
+                    "the round trip to Redis (%.3f s) took longer than the burst of %s "
+                    "lasts (%.3f s): its leased tokens lapse unused (raise the burst)",
+                    received - sent,
+                    self.key,
+                    span,
+                )
+            self._late = True  # reserve nothing ahead (that would starve the others)
+            self._retry_at = received + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            return False
+        self._late = False
         self._wanted = False
         self._tokens.add(
             sent_at=sent,
@@ -1198,7 +1240,7 @@ class RedisBackend:
         may have taken them over: a new `epoch` keeps them paused until Redis confirms
         which are still this process's (one request for all), and the others are lost.
         """
-        checked = True
+        checked, doubtful = True, False
         while True:
             sent = trio.current_time()
             try:
@@ -1209,12 +1251,15 @@ class RedisBackend:
                     )
             except _ERRORS as error:
                 self.failed(error, "renewing bucket ownership")
+                # It may have run, late, and its lost answer said that our life had
+                # lapsed (the next one would then find it renewed): assume so.
+                doubtful = doubtful or not _never_sent(error)
                 await trio.sleep(MIN_BACKOFF)
                 continue
             self.worked()
-            if not int(was_alive):
+            if doubtful or not int(was_alive):
                 self.epoch += 1
-                checked = False
+                checked, doubtful = False, False
             self.alive_until = sent + OWNER_HOLD
             self._alive.set()
             if not checked:
@@ -1236,24 +1281,33 @@ class RedisBackend:
             await self._touch(kept)
 
     async def _touch(self, buckets: list[SharedBucket]) -> bool:
-        """Keep the keys of *buckets* (owned here) alive, and learn which still are ours.
+        """Keep the keys of *buckets* owned here alive, and learn which still are ours.
 
         Confirms those that are (at the `epoch` of the request), gives back those
-        another process asked for, forgets the others. Whether every request worked.
+        another process asked for, forgets the others; leaves alone those whose
+        ownership changed meanwhile (their own request tells). Whether every request
+        worked.
         """
         epoch = self.epoch
-        for i in range(0, len(buckets), READ_COUNT):
-            chunk = buckets[i : i + READ_COUNT]
+        held = [(bucket, bucket.ownership) for bucket in buckets if bucket.owns]
+        for i in range(0, len(held), READ_COUNT):
+            chunk = held[i : i + READ_COUNT]
             try:
                 with trio.fail_after(COMMAND_TIMEOUT):
                     states = await self._touch_script(
-                        keys=[bucket.key for bucket in chunk],
-                        args=[self.origin, round(OWNED_KEY_TTL * 1000)],
+                        keys=[bucket.key for bucket, _ in chunk],
+                        args=[
+                            self.origin,
+                            round(OWNED_KEY_TTL * 1000),
+                            math.ceil(1000 * owned_key_ttl(0.0)),
+                        ],
                     )
             except _ERRORS as error:
                 self.failed(error, "keeping owned buckets")
                 return False
-            for bucket, state in zip(chunk, states, strict=True):
+            for (bucket, ownership), state in zip(chunk, states, strict=True):
+                if bucket.ownership is not ownership:
+                    continue
                 if int(state):
                     bucket.confirm(epoch)
                     if int(state) == 2:  # asked for, and the request missed
