@@ -465,6 +465,79 @@ async def test_an_owned_key_outlives_the_span_of_its_bucket(
     assert busiest(sorted(on_a + on_b), 2.0) <= rate * 2.0 + burst + 1
 
 
+async def test_a_missed_request_to_give_back_is_made_again(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A owns the bucket and misses B's first request to give it back (dropped here, as
+    a trimmed or unread stream would): B asks again once the request is ``OWNER_HOLD``
+    old, and is served within a second, not after A's next touch (``OWNED_IDLE``)."""
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_b: list[float] = []
+    missed: list[dict[str, str]] = []
+    honour = RedisBackend._apply_release
+
+    def miss_the_first(backend: RedisBackend, fields: dict[str, str]) -> None:
+        if missed:
+            honour(backend, fields)
+        else:
+            missed.append(fields)
+
+    monkeypatch.setattr(RedisBackend, "_apply_release", miss_the_first)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            bucket_a = a.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_a, SharedBucket)
+            await wait_until(lambda: bucket_a.owns)
+            asked = trio.current_time()
+            bucket_b = b.bucket("client:x", RATE, BURST)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await wait_until(lambda: bool(on_b))
+            nursery.cancel_scope.cancel()
+    assert missed
+    assert on_b[0] - asked < 1.0
+
+
+async def test_a_lease_answered_too_late_to_use_reserves_nothing(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1000/s, burst 20 (20 ms of tokens) on two processes; A's answers take 30 ms
+    (a busy process), so every token A leases lapses on the way. A says so once and
+    stops reserving ahead: B, answered in time, gets most of the rate."""
+    rate, burst = 1000.0, 20
+    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    on_a: list[float] = []
+    on_b: list[float] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await run_backend(nursery, a)
+            await run_backend(nursery, b)
+            script = a.limit_script
+
+            async def answered_late(**kwargs: object) -> object:
+                answer = await script(**kwargs)
+                await trio.sleep(0.03)
+                return answer
+
+            a.limit_script = answered_late
+            bucket_a = a.bucket("client:x", rate, burst)
+            bucket_b = b.bucket("client:x", rate, burst)
+            assert isinstance(bucket_a, SharedBucket)
+            assert isinstance(bucket_b, SharedBucket)
+            nursery.start_soon(drain, bucket_a, on_a)
+            nursery.start_soon(drain, bucket_b, on_b)
+            await trio.sleep(1.0)
+            start = trio.current_time()
+            await trio.sleep(2.0)
+            nursery.cancel_scope.cancel()
+    assert bucket_a.late > 0
+    assert [r for r in caplog.records if "took longer than the burst" in r.getMessage()]
+    assert len([t for t in on_b if t >= start]) >= 0.7 * rate * 2.0
+    assert within_bound(sorted(on_a + on_b), rate, burst)
+
+
 async def test_an_idle_owned_bucket_is_given_back_and_its_key_expires(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
