@@ -534,7 +534,7 @@ async def test_a_lease_answered_too_late_to_use_reserves_nothing(
             nursery.cancel_scope.cancel()
     assert bucket_a.late > 0
     assert [r for r in caplog.records if "took longer than the burst" in r.getMessage()]
-    assert len([t for t in on_b if t >= start]) >= 0.7 * rate * 2.0
+    assert len([t for t in on_b if t >= start]) >= 0.6 * rate * 2.0  # 0.5 if A hoarded
     assert within_bound(sorted(on_a + on_b), rate, burst)
 
 
