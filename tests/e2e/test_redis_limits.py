@@ -15,7 +15,7 @@ import trio
 
 from trio_stream._hub import Hub, HubConfig
 from trio_stream.backends import redis as module
-from trio_stream.backends.redis import RedisBackend, SharedBucket
+from trio_stream.backends.redis import LEASE_AHEAD, RedisBackend, SharedBucket
 
 from ._redis import RedisServer, redis_server
 from ._support import wait_until
@@ -62,6 +62,18 @@ async def drain(bucket: SharedBucket, spent: list[float]) -> None:
             await trio.sleep_until(bucket.ready_at(now))
 
 
+def two_backends(redis: RedisServer) -> tuple[RedisBackend, RedisBackend]:
+    """Two backends on *redis*, standing for two processes."""
+    return RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+
+
+def shared(backend: RedisBackend, rate: float = RATE, burst: int = BURST) -> SharedBucket:
+    """*backend*'s bucket of client ``x`` (at `KEY` in Redis)."""
+    bucket = backend.bucket("client:x", rate, burst)
+    assert isinstance(bucket, SharedBucket)
+    return bucket
+
+
 async def run_backend(nursery: trio.Nursery, backend: RedisBackend) -> None:
     await nursery.start(backend.run, Hub(HubConfig(backend=backend)))
 
@@ -81,8 +93,7 @@ async def test_a_bucket_used_by_one_process_is_owned_and_costs_no_requests(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, backend)
-            bucket = backend.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket, SharedBucket)
+            bucket = shared(backend)
             nursery.start_soon(drain, bucket, spent)
             await trio.sleep(1.0)
             state = await fields(backend)
@@ -93,26 +104,62 @@ async def test_a_bucket_used_by_one_process_is_owned_and_costs_no_requests(
     assert len(spent) >= 0.9 * (RATE * 1.0 + BURST)
 
 
+async def test_a_shared_bucket_holds_for_all_holders_together(redis: RedisServer) -> None:
+    """Two backends (as two processes would) drain one shared bucket greedily: in any
+    window of t seconds, together at most 200 * t + 20 (+1), yet most of that. (A
+    holder's mark lasts ``OWNER_HOLD``, 0.3 s here.)"""
+    backends = [RedisBackend(redis.url, prefix="lease:") for _ in range(2)]
+    spent: list[list[float]] = [[], []]
+    # The key lives until the last slot leased: burst / rate, plus LEASE_AHEAD for the
+    # leases ahead of time, plus a lease reserved by each holder that waits.
+    horizon = 20 / 200 + LEASE_AHEAD + 2 * 20 / 200
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for backend in backends:
+                await run_backend(nursery, backend)
+            buckets = [
+                SharedBucket(backend, "lease:limit:global", 200.0, 20) for backend in backends
+            ]
+            for bucket, times in zip(buckets, spent, strict=True):
+                nursery.start_soon(drain, bucket, times)
+            await trio.sleep(1.5)
+            pttl = await backends[0].client.pttl("lease:limit:global")
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:  # once idle, the key expires
+            await run_backend(nursery, backends[0])
+            await trio.sleep(horizon + 0.05)
+            left = await backends[0].client.exists(["lease:limit:global"])
+            nursery.cancel_scope.cancel()
+    times = sorted(spent[0] + spent[1])
+    for window in (0.05, 0.3, 1.0):
+        assert busiest(times, window) <= 200 * window + 20 + 1, window
+    assert busiest(times, 1.0) >= 0.9 * (200 + 20)
+    assert spent[0]
+    assert spent[1]
+    assert sum(b.requests for b in buckets) <= 2 * 1.5 * 2 / 0.1 + 4  # not one per token
+    assert 0 < pttl <= horizon * 1000 + 1
+    assert left == 0
+    assert backends[0].errors == backends[1].errors == 0
+
+
 async def test_a_second_process_takes_turns_and_the_limit_holds_for_both(
     redis: RedisServer,
 ) -> None:
     """A owns the bucket and drains it; B starts draining too: A gives it back (asked
     through Redis), both lease, and together they stay within the limit, both served."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, a)
             await run_backend(nursery, b)
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             nursery.start_soon(drain, bucket_a, on_a)
             await trio.sleep(0.5)
             owned_alone = bucket_a.requests
             b_started = trio.current_time()
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.0)
             state = await fields(a)
@@ -133,7 +180,7 @@ async def test_an_owner_that_stops_is_taken_over_as_if_it_emptied_the_bucket(
     """A owns the bucket, drains it, and stops (as a crashed process does: no giving
     back). B waits for A's life as an owner to lapse, then takes the bucket over: the
     limit holds across the change, and B is served."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
@@ -141,14 +188,12 @@ async def test_an_owner_that_stops_is_taken_over_as_if_it_emptied_the_bucket(
             await run_backend(outer, b)
             async with trio.open_nursery() as nursery:
                 await run_backend(nursery, a)
-                bucket_a = a.bucket("client:x", RATE, BURST)
-                assert isinstance(bucket_a, SharedBucket)
+                bucket_a = shared(a)
                 nursery.start_soon(drain, bucket_a, on_a)
                 await trio.sleep(0.3)
                 nursery.cancel_scope.cancel()  # A is gone, owning the bucket
             stopped = trio.current_time()
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             outer.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.2)
             state = await fields(b)
@@ -169,23 +214,21 @@ async def test_an_owner_cut_off_from_redis_stops_granting_and_does_not_resume(
     sooner: once asked to give the bucket back); B takes the bucket over then, as if A
     had emptied it; when A's requests work again, A does not use its old state. The
     limit holds throughout."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, a)
             await run_backend(nursery, b)
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             nursery.start_soon(drain, bucket_a, on_a)
             await trio.sleep(0.3)
             working = a._alive_script, a.limit_script
             monkeypatch.setattr(a, "_alive_script", unreachable)
             monkeypatch.setattr(a, "limit_script", unreachable)
             cut = trio.current_time()
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(0.6)
             lapsed = a.alive_until
@@ -210,7 +253,7 @@ async def test_a_request_to_give_back_that_crosses_the_taking_is_honoured(
     """A's request that makes it the owner is answered late (an injected delay); B asks
     for the bucket meanwhile, so the request to give it back reaches A before A knows
     it owns it. A gives it back once it learns: never two owners, the limit holds."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
@@ -227,12 +270,10 @@ async def test_a_request_to_give_back_that_crosses_the_taking_is_honoured(
                 return answer
 
             a.limit_script = answered_late
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             nursery.start_soon(drain, bucket_a, on_a)
             await trio.sleep(0.1)  # A's taking has happened in Redis, unanswered
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.5)
             state = await fields(b)
@@ -254,22 +295,20 @@ async def test_a_lapsed_owner_that_comes_back_does_not_use_its_old_state(
     """A owns the bucket, idle; A loses Redis until its life as an owner lapses, B takes
     the bucket over (A cannot be asked), and A comes back: its bucket is not its own
     any more, so A asks for it like anyone else and the limit holds for both."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, a)
             await run_backend(nursery, b)
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             await wait_until(lambda: bucket_a.available(trio.current_time()) > 0)
             working = a._alive_script, a.limit_script
             monkeypatch.setattr(a, "_alive_script", unreachable)
             monkeypatch.setattr(a, "limit_script", unreachable)
             await trio.sleep(0.4)  # lapsed, in Redis too
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(0.3)
             a._alive_script, a.limit_script = working
@@ -293,15 +332,14 @@ async def test_a_lapsed_owner_is_taken_over_as_if_it_emptied_the_bucket(
     lapses it spends the whole burst. B, which waited, takes the bucket over then, and
     must count it empty: B's tokens come at the rate, not as a burst."""
     rate, burst = 20.0, 20
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, a)
             await run_backend(nursery, b)
-            bucket_a = a.bucket("client:x", rate, burst)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a, rate, burst)
             await wait_until(lambda: bucket_a.available(trio.current_time()) == burst)
             monkeypatch.setattr(a, "_alive_script", unreachable)
             monkeypatch.setattr(a, "limit_script", unreachable)
@@ -309,8 +347,7 @@ async def test_a_lapsed_owner_is_taken_over_as_if_it_emptied_the_bucket(
             now = trio.current_time()
             bucket_a.consume(now, burst)
             on_a += [now] * burst
-            bucket_b = b.bucket("client:x", rate, burst)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b, rate, burst)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.5)
             nursery.cancel_scope.cancel()
@@ -330,8 +367,7 @@ async def test_a_late_renewal_pauses_an_owned_bucket_without_giving_it_up(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, backend)
-            bucket = backend.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket, SharedBucket)
+            bucket = shared(backend)
             nursery.start_soon(drain, bucket, spent)
             await trio.sleep(0.3)
             working = backend._alive_script
@@ -358,15 +394,14 @@ async def test_a_renewal_whose_answer_was_lost_counts_as_a_lapse(redis: RedisSer
     lapsed) and its answer is lost; meanwhile B took the bucket over. The next renewal
     finds A alive (the lost one renewed it): A must still treat it as a lapse and not
     use its old state beside B."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, a)
             await run_backend(nursery, b)
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             nursery.start_soon(drain, bucket_a, on_a)
             await trio.sleep(0.3)
             script, answers = a._alive_script, list[int]()
@@ -381,8 +416,7 @@ async def test_a_renewal_whose_answer_was_lost_counts_as_a_lapse(redis: RedisSer
             a._alive_script = stuck_then_lost
             epoch = a.epoch
             await trio.sleep(0.45)  # A's life has lapsed in Redis
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.6)
             nursery.cancel_scope.cancel()
@@ -398,7 +432,7 @@ async def test_a_touch_that_crosses_the_taking_of_a_bucket_leaves_it_known(
     """A's periodic touch of its buckets runs while A's request that makes a bucket its
     own is on its way (the touch finds the bucket not A's yet). A must still know it
     owns the bucket: asked for it later, A gives it back, so the limit holds."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
@@ -415,13 +449,11 @@ async def test_a_touch_that_crosses_the_taking_of_a_bucket_leaves_it_known(
                 return await script(**kwargs)
 
             a.limit_script = touched_on_the_way
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             nursery.start_soon(drain, bucket_a, on_a)
             await trio.sleep(0.3)
             known = bucket_a.owns and KEY in a._owned
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.0)
             nursery.cancel_scope.cancel()
@@ -440,7 +472,7 @@ async def test_an_owned_key_outlives_the_span_of_its_bucket(
     monkeypatch.setattr(module, "OWNED_KEY_TTL", 1.0)
     monkeypatch.setattr(module, "OWNED_IDLE", 0.2)
     rate, burst = 10.0, 20
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
@@ -448,15 +480,14 @@ async def test_an_owned_key_outlives_the_span_of_its_bucket(
             await run_backend(outer, b)
             async with trio.open_nursery() as nursery:
                 await run_backend(nursery, a)
-                bucket_a = a.bucket("client:x", rate, burst)
+                bucket_a = shared(a, rate, burst)
                 await wait_until(lambda: bucket_a.available(trio.current_time()) == burst)
                 now = trio.current_time()
                 bucket_a.consume(now, burst)
                 on_a += [now] * burst
                 nursery.cancel_scope.cancel()  # A is gone, owning an empty bucket
             await trio.sleep(1.1)
-            bucket_b = b.bucket("client:x", rate, burst)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b, rate, burst)
             outer.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.0)
             outer.cancel_scope.cancel()
@@ -471,7 +502,7 @@ async def test_a_missed_request_to_give_back_is_made_again(
     """A owns the bucket and misses B's first request to give it back (dropped here, as
     a trimmed or unread stream would): B asks again once the request is ``OWNER_HOLD``
     old, and is served within a second, not after A's next touch (``OWNED_IDLE``)."""
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_b: list[float] = []
     missed: list[dict[str, str]] = []
     honour = RedisBackend._apply_release
@@ -487,12 +518,10 @@ async def test_a_missed_request_to_give_back_is_made_again(
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, a)
             await run_backend(nursery, b)
-            bucket_a = a.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_a, SharedBucket)
+            bucket_a = shared(a)
             await wait_until(lambda: bucket_a.owns)
             asked = trio.current_time()
-            bucket_b = b.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_b = shared(b)
             nursery.start_soon(drain, bucket_b, on_b)
             await wait_until(lambda: bool(on_b))
             nursery.cancel_scope.cancel()
@@ -507,7 +536,7 @@ async def test_a_lease_answered_too_late_to_use_reserves_nothing(
     (a busy process), so every token A leases lapses on the way. A says so once and
     stops reserving ahead: B, answered in time, gets most of the rate."""
     rate, burst = 1000.0, 20
-    a, b = RedisBackend(redis.url, prefix="lim:"), RedisBackend(redis.url, prefix="lim:")
+    a, b = two_backends(redis)
     on_a: list[float] = []
     on_b: list[float] = []
     with trio.fail_after(10):
@@ -522,10 +551,8 @@ async def test_a_lease_answered_too_late_to_use_reserves_nothing(
                 return answer
 
             a.limit_script = answered_late
-            bucket_a = a.bucket("client:x", rate, burst)
-            bucket_b = b.bucket("client:x", rate, burst)
-            assert isinstance(bucket_a, SharedBucket)
-            assert isinstance(bucket_b, SharedBucket)
+            bucket_a = shared(a, rate, burst)
+            bucket_b = shared(b, rate, burst)
             nursery.start_soon(drain, bucket_a, on_a)
             nursery.start_soon(drain, bucket_b, on_b)
             await trio.sleep(1.0)
@@ -548,8 +575,7 @@ async def test_an_idle_owned_bucket_is_given_back_and_its_key_expires(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await run_backend(nursery, backend)
-            bucket = backend.bucket("client:x", RATE, BURST)
-            assert isinstance(bucket, SharedBucket)
+            bucket = shared(backend)
             await wait_until(lambda: bucket.available(trio.current_time()) > 0)
             bucket.consume(trio.current_time(), BURST)
             owned = dict(await fields(backend))
